@@ -1,0 +1,1 @@
+"""moduleserve client: generated stubs, a friendly client and the `moduleserve` CLI."""

@@ -1,0 +1,1 @@
+"""The moduleserve checkpoint registry: Module classes, versioned checkpoints, datasets."""

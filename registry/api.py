@@ -1,0 +1,244 @@
+"""The registry's Python API: one object the CLI, the server, job workers and tests share."""
+
+from __future__ import annotations
+
+import getpass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from registry.blobs import BlobStore
+from registry.checkpoints import Checkpoints
+from registry.classes import ClassCatalog
+from registry.config import RegistrySettings
+from registry.datasets import Datasets
+from registry.db import Database, check_schema, migrate
+from registry.entities import BlobProblem, Dataset, ModuleClass, Version
+from registry.errors import InvalidInputError, ModelNotFoundError
+from registry.formats import (
+    DATASET_SUFFIXES,
+    decode_tensors,
+    describe_tensors,
+    encode_tensors,
+    read_tensor_file,
+)
+from registry.loading import check_fits, load_copying, load_into
+from registry.names import check_name
+
+
+@dataclass(frozen=True)
+class GcReport:
+    """What `gc` removed (or would remove, on a dry run)."""
+
+    digests: tuple[str, ...]
+    bytes_freed: int
+    temp_files: tuple[str, ...]
+    dry_run: bool
+
+
+def default_actor() -> str:
+    """Who a registry change is recorded as, when the caller does not say."""
+    try:
+        return f"api ({getpass.getuser()})"
+    except (KeyError, OSError):
+        return "api"
+
+
+class Registry:
+    """Module classes, checkpoint versions, aliases and datasets over one database and store."""
+
+    def __init__(self, settings: RegistrySettings) -> None:
+        self.settings = settings
+        self.db = Database(settings.database_url(), settings.busy_timeout_ms)
+        self.blobs = BlobStore(settings.store)
+        self.classes = ClassCatalog(self.db, settings.allowed_class_prefixes)
+        self.checkpoints = Checkpoints(self.db, settings.default_alias)
+        self.datasets = Datasets(self.db)
+
+    def init(self) -> tuple[str | None, str]:
+        """Create or migrate the schema (safe to repeat); returns (before, after) revisions."""
+        return migrate(self.db)
+
+    def check_schema(self) -> None:
+        """Raise SchemaOutdatedError unless the schema is at this release's head."""
+        check_schema(self.db)
+
+    def close(self) -> None:
+        """Release database connections."""
+        self.db.dispose()
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def push(
+        self,
+        model: str,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        class_name: str | None = None,
+        parent: int | None = None,
+        source: str = "upload",
+        description: str = "",
+        tags: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        alias: str | None = None,
+        actor: str | None = None,
+    ) -> Version:
+        """Check a state_dict loads strictly into its class, store it, record a new version.
+
+        The blob is durable on disk before the version row is committed, so a crash
+        in between leaves at most an unreferenced blob (removed by `gc`), never a row
+        pointing at a missing or partial file.
+        """
+        module_class = self.classes.get(class_name or self._class_of(model))
+        skeleton = self.classes.build(module_class, device="meta")
+        check_fits(module_class.name, skeleton.state_dict(), tensors)
+        data = encode_tensors(tensors)
+        digest = self.blobs.put(data)
+        return self.checkpoints.add_version(
+            model,
+            digest,
+            len(data),
+            module_class.name,
+            parent=parent,
+            source=source,
+            description=description,
+            tags=tags,
+            metrics=metrics,
+            alias=alias,
+            actor=actor or default_actor(),
+        )
+
+    def push_file(self, model: str, path: Path, **options: Any) -> Version:
+        """`push` from a .safetensors or a `.pt/.pth` state_dict file (no pickle code runs)."""
+        check_name("model", model)
+        return self.push(model, read_tensor_file(Path(path)), **options)
+
+    def _class_of(self, model: str) -> str:
+        try:
+            return self.checkpoints.get_model(model).class_name
+        except ModelNotFoundError:
+            raise InvalidInputError(
+                f"model {model!r} does not exist yet: its first push must name a --class"
+            ) from None
+
+    def state_dict(self, version: Version) -> dict[str, torch.Tensor]:
+        """The version's tensors, after checking the blob against its digest."""
+        return decode_tensors(self.blobs.read(version.digest))
+
+    def module_class_of(self, version: Version) -> ModuleClass:
+        """The registered class a version belongs to."""
+        return self.classes.get(version.class_name)
+
+    def build_version(self, version: Version, device: str | torch.device = "cpu") -> nn.Module:
+        """Build the version's class and load its verified state_dict strictly, in eval mode."""
+        module_class = self.module_class_of(version)
+        tensors = self.state_dict(version)
+        skeleton = self.classes.build(module_class, device="meta")
+        module = load_into(module_class.name, skeleton, tensors)
+        if module is None:
+            module = load_copying(
+                module_class.name, self.classes.build(module_class, device="cpu"), tensors
+            )
+        return module.to(device).eval()
+
+    def load_module(
+        self, model: str, ref: str | int = "", device: str | torch.device = "cpu"
+    ) -> nn.Module:
+        """The model's version (number, alias, or "" for default) as a ready nn.Module."""
+        return self.build_version(self.checkpoints.resolve(model, ref), device)
+
+    def export(self, model: str, ref: str | int, path: Path) -> Version:
+        """Write a version to `.safetensors` (as stored) or `.pth` (a torch.save state_dict)."""
+        version = self.checkpoints.resolve(model, ref)
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix not in (".safetensors", ".pth", ".pt"):
+            raise InvalidInputError(f"cannot export to {path.name}: use .safetensors or .pth")
+        data = self.blobs.read(version.digest)
+        if suffix == ".safetensors":
+            path.write_bytes(data)
+        else:
+            torch.save(decode_tensors(data), path)
+        return version
+
+    # -- datasets --------------------------------------------------------------------------
+
+    def push_dataset(
+        self, name: str, tensors: Mapping[str, torch.Tensor], description: str = ""
+    ) -> Dataset:
+        """Store named tensors (e.g. `inputs`, `targets`) as a dataset."""
+        if not tensors:
+            raise InvalidInputError("a dataset needs at least one tensor")
+        data = encode_tensors(tensors)
+        digest = self.blobs.put(data)
+        return self.datasets.add(name, digest, len(data), describe_tensors(tensors), description)
+
+    def push_dataset_file(self, name: str, path: Path, description: str = "") -> Dataset:
+        """`push_dataset` from a .safetensors, .pt or .npz file."""
+        check_name("dataset", name)
+        path = Path(path)
+        if path.suffix.lower() not in DATASET_SUFFIXES:
+            raise InvalidInputError(f"cannot read {path.name}: use {', '.join(DATASET_SUFFIXES)}")
+        return self.push_dataset(name, read_tensor_file(path), description)
+
+    def load_dataset(self, name: str) -> dict[str, torch.Tensor]:
+        """A dataset's tensors, verified against the digest."""
+        return decode_tensors(self.blobs.read(self.datasets.get(name).digest))
+
+    # -- maintenance -----------------------------------------------------------------------
+
+    def referenced_digests(self) -> dict[str, list[str]]:
+        """Every digest the database points at, with who points at it."""
+        refs = self.checkpoints.referenced_digests()
+        for digest, names in self.datasets.referenced_digests().items():
+            refs.setdefault(digest, []).extend(names)
+        return refs
+
+    def verify(self) -> list[BlobProblem]:
+        """Re-hash every referenced blob; return the missing or corrupt ones."""
+        problems = []
+        for digest, users in sorted(self.referenced_digests().items()):
+            problem = self.blobs.check(digest)
+            if problem is not None:
+                problems.append(BlobProblem(digest, problem, tuple(sorted(users))))
+        return problems
+
+    def gc(self, *, dry_run: bool = False, min_age_s: float = 3600.0) -> GcReport:
+        """Remove blobs nothing points at, older than `min_age_s`.
+
+        The age guard protects a push in flight: its blob is written before its row.
+        """
+        referenced = set(self.referenced_digests())
+        orphans = [
+            d
+            for d in self.blobs.digests()
+            if d not in referenced and self.blobs.age_seconds(d) >= min_age_s
+        ]
+        temps = self.blobs.stale_temp_files(min_age_s)
+        freed = sum(self.blobs.path(d).stat().st_size for d in orphans)
+        if not dry_run:
+            for digest in orphans:
+                self.blobs.remove(digest)
+            for temp in temps:
+                temp.unlink(missing_ok=True)
+        return GcReport(tuple(orphans), freed, tuple(str(t) for t in temps), dry_run)
+
+
+def open_registry(
+    settings: RegistrySettings | None = None,
+    *,
+    migrate_schema: bool = False,
+    allowed_prefixes: Sequence[str] | None = None,
+) -> Registry:
+    """Open the registry, optionally migrating it first."""
+    settings = settings or RegistrySettings()
+    if allowed_prefixes is not None:
+        settings = settings.model_copy(update={"allowed_class_prefixes": list(allowed_prefixes)})
+    registry = Registry(settings)
+    if migrate_schema:
+        registry.init()
+    return registry

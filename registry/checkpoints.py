@@ -1,0 +1,408 @@
+"""Models, their checkpoint versions and aliases: the repository over those tables."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from registry.db import Database
+from registry.entities import AliasEvent, Model, Version
+from registry.errors import (
+    AliasConflictError,
+    ClassMismatchError,
+    ClassNotFoundError,
+    InvalidInputError,
+    ModelNotFoundError,
+    VersionInUseError,
+    VersionNotFoundError,
+)
+from registry.names import check_alias, check_name
+from registry.orm import AliasEventRow, AliasRow, ModelRow, ModuleClassRow, VersionRow, utcnow
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Final = _Unset()
+"""`expect=UNSET`: move the alias whatever it points at (no compare-and-set)."""
+
+
+class Checkpoints:
+    """Versions of models and the aliases that name them."""
+
+    def __init__(self, db: Database, default_alias: str) -> None:
+        self._db = db
+        self.default_alias = default_alias
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def add_version(
+        self,
+        model: str,
+        digest: str,
+        size: int,
+        class_name: str,
+        *,
+        parent: int | None = None,
+        source: str = "upload",
+        description: str = "",
+        tags: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        alias: str | None = None,
+        actor: str = "api",
+    ) -> Version:
+        """Record a new version (its blob already stored); numbers are 1, 2, 3… per model."""
+        check_name("model", model)
+        if alias is not None:
+            check_alias(alias)
+        fields = dict(
+            digest=digest,
+            size=size,
+            parent=parent,
+            source=source,
+            description=description,
+            tags=dict(tags or {}),
+            metrics=dict(metrics or {}),
+            alias=alias,
+            actor=actor,
+        )
+        # Two first pushes of a new model race to create it on PostgreSQL; the loser
+        # retries and finds the winner's row.
+        for attempt in range(3):
+            try:
+                return self._add_version(model, class_name, **fields)
+            except sa.exc.IntegrityError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _add_version(
+        self,
+        model: str,
+        class_name: str,
+        *,
+        digest: str,
+        size: int,
+        parent: int | None,
+        source: str,
+        description: str,
+        tags: dict[str, Any],
+        metrics: dict[str, Any],
+        alias: str | None,
+        actor: str,
+    ) -> Version:
+        with self._db.write() as session:
+            model_row = self._model_for_push(session, model, class_name)
+            if parent is not None:
+                _version_row(session, model_row, model, parent)
+            # One atomic statement: concurrent writers each get the next number.
+            number = session.execute(
+                sa.update(ModelRow)
+                .where(ModelRow.id == model_row.id)
+                .values(last_version=ModelRow.last_version + 1)
+                .returning(ModelRow.last_version)
+            ).scalar_one()
+            row = VersionRow(
+                model_id=model_row.id,
+                version=number,
+                digest=digest,
+                size=size,
+                parent_version=parent,
+                source=source,
+                description=description,
+                tags=tags,
+                metrics=metrics,
+                created_at=utcnow(),
+            )
+            session.add(row)
+            session.flush()
+            if alias is not None:
+                self._move_alias(session, model_row, alias, row, UNSET, actor)
+            return _version(session, model_row, row)
+
+    def _model_for_push(self, session: Session, model: str, class_name: str) -> ModelRow:
+        class_row = session.scalar(
+            sa.select(ModuleClassRow).where(ModuleClassRow.name == class_name)
+        )
+        if class_row is None:
+            raise ClassNotFoundError(class_name)
+        row = session.scalar(sa.select(ModelRow).where(ModelRow.name == model))
+        if row is None:
+            row = ModelRow(name=model, class_id=class_row.id, last_version=0, created_at=utcnow())
+            session.add(row)
+            session.flush()
+        elif row.class_id != class_row.id:
+            existing = session.get_one(ModuleClassRow, row.class_id)
+            raise ClassMismatchError(model, existing.name, class_name)
+        return row
+
+    def set_alias(
+        self,
+        model: str,
+        alias: str,
+        version: int,
+        *,
+        expect: int | _Unset | None = UNSET,
+        actor: str = "api",
+    ) -> AliasEvent:
+        """Point `alias` at `version`; with `expect`, only if it still points at that version."""
+        check_alias(alias)
+        with self._db.write() as session:
+            model_row = _model_row(session, model)
+            target = _version_row(session, model_row, model, version)
+            return self._move_alias(session, model_row, alias, target, expect, actor)
+
+    def unset_alias(
+        self, model: str, alias: str, *, expect: int | _Unset | None = UNSET, actor: str = "api"
+    ) -> AliasEvent:
+        """Remove an alias (recorded in its history)."""
+        check_alias(alias)
+        with self._db.write() as session:
+            model_row = _model_row(session, model)
+            return self._move_alias(session, model_row, alias, None, expect, actor)
+
+    def _move_alias(
+        self,
+        session: Session,
+        model_row: ModelRow,
+        alias: str,
+        target: VersionRow | None,
+        expect: int | _Unset | None,
+        actor: str,
+    ) -> AliasEvent:
+        # The row is locked for the rest of the transaction on PostgreSQL (SQLite: the
+        # IMMEDIATE transaction already holds the write lock), so compare-and-set is atomic.
+        row = session.scalar(
+            sa.select(AliasRow)
+            .where(AliasRow.model_id == model_row.id, AliasRow.name == alias)
+            .with_for_update()
+        )
+        current = session.get_one(VersionRow, row.version_id).version if row else None
+        if not isinstance(expect, _Unset) and expect != current:
+            raise AliasConflictError(model_row.name, alias, expect, current)
+        if target is None and row is None:
+            raise VersionNotFoundError(model_row.name, alias)
+        if target is None:
+            session.delete(row)
+        elif row is None:
+            session.add(
+                AliasRow(
+                    model_id=model_row.id, name=alias, version_id=target.id, updated_at=utcnow()
+                )
+            )
+        else:
+            row.version_id, row.updated_at = target.id, utcnow()
+        event = AliasEventRow(
+            model_id=model_row.id,
+            alias=alias,
+            from_version=current,
+            to_version=target.version if target else None,
+            actor=actor,
+            at=utcnow(),
+        )
+        session.add(event)
+        return _alias_event(model_row.name, event)
+
+    def tag(
+        self, model: str, ref: str, set_tags: Mapping[str, Any], remove: Sequence[str] = ()
+    ) -> Version:
+        """Add, change or remove tags of one version."""
+        with self._db.write() as session:
+            model_row = _model_row(session, model)
+            row = self._resolve_row(session, model_row, ref)
+            tags = {k: v for k, v in row.tags.items() if k not in remove}
+            tags.update(set_tags)
+            row.tags = tags
+            return _version(session, model_row, row)
+
+    def set_metrics(self, model: str, version: int, metrics: Mapping[str, Any]) -> Version:
+        """Merge metrics into a version's record."""
+        with self._db.write() as session:
+            model_row = _model_row(session, model)
+            row = _version_row(session, model_row, model, version)
+            row.metrics = {**row.metrics, **metrics}
+            return _version(session, model_row, row)
+
+    def delete(
+        self, model: str, version: int, *, force: bool = False, actor: str = "api"
+    ) -> Version:
+        """Delete one version; refused while aliases point at it unless `force`."""
+        with self._db.write() as session:
+            model_row = _model_row(session, model)
+            row = _version_row(session, model_row, model, version)
+            aliases = session.scalars(sa.select(AliasRow).where(AliasRow.version_id == row.id))
+            alias_rows = list(aliases)
+            if alias_rows and not force:
+                raise VersionInUseError(model, version, sorted(a.name for a in alias_rows))
+            deleted = _version(session, model_row, row)
+            for alias_row in alias_rows:
+                self._move_alias(session, model_row, alias_row.name, None, UNSET, actor)
+            session.flush()
+            session.delete(row)
+            return deleted
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def resolve(self, model: str, ref: str | int = "") -> Version:
+        """A version by number, alias, or "" (the default alias if set, else the latest)."""
+        with self._db.read() as session:
+            model_row = _model_row(session, model)
+            return _version(session, model_row, self._resolve_row(session, model_row, ref))
+
+    def _resolve_row(self, session: Session, model_row: ModelRow, ref: str | int) -> VersionRow:
+        text = str(ref)
+        if text.isdigit():
+            return _version_row(session, model_row, model_row.name, int(text))
+        if text:
+            row = _alias_target(session, model_row, text)
+            if row is None:
+                raise VersionNotFoundError(model_row.name, text)
+            return row
+        row = _alias_target(session, model_row, self.default_alias)
+        if row is None:
+            row = session.scalar(
+                sa.select(VersionRow)
+                .where(VersionRow.model_id == model_row.id)
+                .order_by(VersionRow.version.desc())
+                .limit(1)
+            )
+        if row is None:
+            raise VersionNotFoundError(model_row.name, "latest")
+        return row
+
+    def get_model(self, model: str) -> Model:
+        """One model with its versions and aliases."""
+        with self._db.read() as session:
+            return _model(session, _model_row(session, model))
+
+    def list_models(self) -> list[Model]:
+        """Every model, by name."""
+        with self._db.read() as session:
+            rows = session.scalars(sa.select(ModelRow).order_by(ModelRow.name))
+            return [_model(session, row) for row in rows]
+
+    def list_versions(self, model: str) -> list[Version]:
+        """Every version of a model, oldest first."""
+        with self._db.read() as session:
+            model_row = _model_row(session, model)
+            rows = session.scalars(
+                sa.select(VersionRow)
+                .where(VersionRow.model_id == model_row.id)
+                .order_by(VersionRow.version)
+            )
+            return [_version(session, model_row, row) for row in rows]
+
+    def alias_history(self, model: str, alias: str | None = None) -> list[AliasEvent]:
+        """Alias moves of a model, oldest first (optionally of one alias)."""
+        with self._db.read() as session:
+            model_row = _model_row(session, model)
+            query = sa.select(AliasEventRow).where(AliasEventRow.model_id == model_row.id)
+            if alias is not None:
+                query = query.where(AliasEventRow.alias == alias)
+            rows = session.scalars(query.order_by(AliasEventRow.id))
+            return [_alias_event(model, row) for row in rows]
+
+    def referenced_digests(self) -> dict[str, list[str]]:
+        """Digest → the `model:version` entries that point at it."""
+        with self._db.read() as session:
+            rows = session.execute(
+                sa.select(VersionRow.digest, ModelRow.name, VersionRow.version).join(
+                    ModelRow, ModelRow.id == VersionRow.model_id
+                )
+            )
+            result: dict[str, list[str]] = {}
+            for digest, name, number in rows:
+                result.setdefault(digest, []).append(f"{name}:{number}")
+            return result
+
+
+def _model_row(session: Session, model: str) -> ModelRow:
+    row = session.scalar(sa.select(ModelRow).where(ModelRow.name == model))
+    if row is None:
+        check_name("model", model)
+        raise ModelNotFoundError(model)
+    return row
+
+
+def _version_row(session: Session, model_row: ModelRow, model: str, version: int) -> VersionRow:
+    if version < 1:
+        raise InvalidInputError(f"invalid version {version}: versions are whole numbers from 1")
+    row = session.scalar(
+        sa.select(VersionRow).where(
+            VersionRow.model_id == model_row.id, VersionRow.version == version
+        )
+    )
+    if row is None:
+        raise VersionNotFoundError(model, str(version))
+    return row
+
+
+def _alias_target(session: Session, model_row: ModelRow, alias: str) -> VersionRow | None:
+    return session.scalar(
+        sa.select(VersionRow)
+        .join(AliasRow, AliasRow.version_id == VersionRow.id)
+        .where(AliasRow.model_id == model_row.id, AliasRow.name == alias)
+    )
+
+
+def _version(session: Session, model_row: ModelRow, row: VersionRow) -> Version:
+    class_name = session.scalar(
+        sa.select(ModuleClassRow.name).where(ModuleClassRow.id == model_row.class_id)
+    )
+    aliases = session.scalars(
+        sa.select(AliasRow.name).where(AliasRow.version_id == row.id).order_by(AliasRow.name)
+    )
+    return Version(
+        model=model_row.name,
+        version=row.version,
+        class_name=class_name or "",
+        digest=row.digest,
+        size=row.size,
+        parent_version=row.parent_version,
+        source=row.source,
+        description=row.description,
+        tags=dict(row.tags),
+        metrics=dict(row.metrics),
+        created_at=row.created_at,
+        aliases=tuple(aliases),
+    )
+
+
+def _model(session: Session, row: ModelRow) -> Model:
+    class_name = session.scalar(
+        sa.select(ModuleClassRow.name).where(ModuleClassRow.id == row.class_id)
+    )
+    versions = session.scalars(
+        sa.select(VersionRow.version)
+        .where(VersionRow.model_id == row.id)
+        .order_by(VersionRow.version)
+    )
+    aliases = session.execute(
+        sa.select(AliasRow.name, VersionRow.version)
+        .join(VersionRow, VersionRow.id == AliasRow.version_id)
+        .where(AliasRow.model_id == row.id)
+        .order_by(AliasRow.name)
+    )
+    return Model(
+        name=row.name,
+        class_name=class_name or "",
+        versions=tuple(versions),
+        aliases={name: number for name, number in aliases},
+        created_at=row.created_at,
+    )
+
+
+def _alias_event(model: str, row: AliasEventRow) -> AliasEvent:
+    return AliasEvent(
+        model=model,
+        alias=row.alias,
+        from_version=row.from_version,
+        to_version=row.to_version,
+        actor=row.actor,
+        at=row.at,
+    )

@@ -1,0 +1,1 @@
+"""Example Module classes and the seeded demo registry."""

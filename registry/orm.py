@@ -1,0 +1,137 @@
+"""The registry's tables as SQLAlchemy 2 typed ORM rows (never returned to callers)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Named constraints: SQLite's batch migrations need names to alter them.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware in UTC."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """Stores UTC; always hands back aware datetimes (SQLite forgets the zone)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+class Base(DeclarativeBase):
+    """Declarative base with the naming convention and shared column types."""
+
+    metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dict[str, Any]: JSONType, list[Any]: JSONType, datetime: UTCDateTime}
+
+
+class ModuleClassRow(Base):
+    """A registered nn.Module class: import path, constructor kwargs, input spec."""
+
+    __tablename__ = "module_classes"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(128), unique=True)
+    import_path: Mapped[str] = mapped_column(sa.String(512))
+    kwargs: Mapped[dict[str, Any]]
+    inputs: Mapped[list[Any]]
+    outputs: Mapped[list[Any]]
+    description: Mapped[str] = mapped_column(sa.Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ModelRow(Base):
+    """A named model: one class, many versions. `last_version` only ever grows."""
+
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(128), unique=True)
+    class_id: Mapped[int] = mapped_column(sa.ForeignKey("module_classes.id"))
+    last_version: Mapped[int] = mapped_column(default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class VersionRow(Base):
+    """One checkpoint version of a model, pointing at a safetensors blob."""
+
+    __tablename__ = "versions"
+    __table_args__ = (sa.UniqueConstraint("model_id", "version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(sa.ForeignKey("models.id", ondelete="CASCADE"))
+    version: Mapped[int]
+    digest: Mapped[str] = mapped_column(sa.String(64), index=True)
+    size: Mapped[int] = mapped_column(sa.BigInteger)
+    parent_version: Mapped[int | None]
+    source: Mapped[str] = mapped_column(sa.String(128))
+    description: Mapped[str] = mapped_column(sa.Text, default="")
+    tags: Mapped[dict[str, Any]]
+    metrics: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AliasRow(Base):
+    """A movable name (`production`, `staging`) for one version of a model."""
+
+    __tablename__ = "aliases"
+    __table_args__ = (sa.UniqueConstraint("model_id", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(sa.ForeignKey("models.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(sa.String(64))
+    version_id: Mapped[int] = mapped_column(sa.ForeignKey("versions.id", ondelete="RESTRICT"))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AliasEventRow(Base):
+    """One alias move (from, to, when, by whom): the alias history."""
+
+    __tablename__ = "alias_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(sa.ForeignKey("models.id", ondelete="CASCADE"))
+    alias: Mapped[str] = mapped_column(sa.String(64))
+    from_version: Mapped[int | None]
+    to_version: Mapped[int | None]
+    actor: Mapped[str] = mapped_column(sa.String(128))
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DatasetRow(Base):
+    """A named set of tensors (inputs, targets) for fine-tuning, stored as a blob."""
+
+    __tablename__ = "datasets"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(128), unique=True)
+    digest: Mapped[str] = mapped_column(sa.String(64), index=True)
+    size: Mapped[int] = mapped_column(sa.BigInteger)
+    tensors: Mapped[dict[str, Any]]
+    description: Mapped[str] = mapped_column(sa.Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,1 @@
+"""The moduleserve gRPC server."""

@@ -1,0 +1,1 @@
+"""Inference engine: loaded-model cache, dynamic batching and device placement."""

@@ -1,0 +1,1 @@
+"""gRPC servicers: thin adapters from messages to plain functions."""

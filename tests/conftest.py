@@ -1,0 +1,54 @@
+"""Fixtures: registries on SQLite files and on the real PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from registry.api import Registry
+from tests.helpers import postgres_schema, postgres_url, registry_settings
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database: a SQLite file, or a PostgreSQL schema of its own."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'registry.db'}"
+        return
+    base = postgres_url()
+    if base is None:
+        pytest.skip("no PostgreSQL configured (set MODULESERVE_TEST_POSTGRES_URL)")
+    with postgres_schema(base) as url:
+        yield url
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    """An empty blob store folder."""
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def registry(db_url: str, store: Path) -> Iterator[Registry]:
+    """A migrated, empty registry."""
+    reg = Registry(registry_settings(db_url, store))
+    reg.init()
+    yield reg
+    reg.close()
+
+
+@pytest.fixture
+def sqlite_registry(tmp_path: Path) -> Iterator[Registry]:
+    """A migrated registry on SQLite only, for tests about the store rather than the database."""
+    reg = Registry(registry_settings(f"sqlite:///{tmp_path / 'registry.db'}", tmp_path / "store"))
+    reg.init()
+    yield reg
+    reg.close()

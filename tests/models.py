@@ -1,0 +1,59 @@
+"""Module classes only the tests use (registered under the `tests.models` prefix)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+
+class Doubler(nn.Module):
+    """y = 2x + 1 exactly, for batching tests with exact answers."""
+
+    def __init__(self, features: int = 1) -> None:
+        super().__init__()
+        self.linear = nn.Linear(features, features)
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.eye(features) * 2.0)
+            self.linear.bias.fill_(1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+class SlowNet(nn.Module):
+    """Sleeps in forward (seconds given by kwargs), to prove the event loop stays free."""
+
+    def __init__(self, delay_s: float = 0.5) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+        self.linear = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_meta:
+            time.sleep(self.delay_s)
+        return self.linear(x)
+
+
+class Wide(nn.Module):
+    """A large model (features x features float32) for memory tests."""
+
+    def __init__(self, features: int = 4096, layers: int = 4) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(*[nn.Linear(features, features) for _ in range(layers)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class WithNonPersistentBuffer(nn.Module):
+    """Keeps a buffer outside its state_dict: a meta build cannot fill it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 3)
+        self.register_buffer("scale", torch.full((3,), 2.0), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * self.scale

@@ -1,0 +1,38 @@
+"""The generic top-level package names resolve here, and the client stays light."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from importlib.metadata import version
+from pathlib import Path
+
+import client
+import registry
+import server
+from tests.helpers import REPO
+
+
+def test_packages_resolve_inside_the_repository() -> None:
+    for package in (client, registry, server):
+        assert Path(package.__file__).resolve().is_relative_to(REPO), package.__name__
+
+
+def test_importing_the_client_pulls_in_neither_sqlalchemy_nor_the_server() -> None:
+    code = (
+        "import sys, client, client.tables; "
+        "print(sorted(m for m in ('sqlalchemy', 'server', 'registry', 'torch') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    ).stdout
+    assert out.strip() == "[]"
+
+
+def test_torch_floor_has_a_safe_weights_only_loader() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert "torch>=2.10" in project["optional-dependencies"]["server"]
+    major, minor = (int(p) for p in version("torch").split(".")[:2])
+    assert (major, minor) >= (2, 10)
