@@ -1,0 +1,488 @@
+"""Dynamic batching for one loaded model: queue requests, run them as one forward pass, split back.
+
+Batching rule (DESIGN.md "Inference engine"): when the worker is idle, a lone
+request runs at once; requests that arrive while it computes wait in the queue
+and form the next batch. Only when there is evidence of load (more than one
+request waiting, or the previous batch held more than one) does a batch wait
+for more arrivals, and never past `max_queue_delay_s` after its oldest request
+was queued. So batches grow with load and latency stays low without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from server.errors import (
+    DeadlineExceededError,
+    InvalidInputError,
+    ModelNotReadyError,
+    QueueFullError,
+)
+
+logger = logging.getLogger(__name__)
+
+Compute = Callable[[dict[str, torch.Tensor]], Mapping[str, torch.Tensor]]
+"""A forward pass over a batch: named inputs in, named outputs out, dim 0 kept."""
+
+
+def collate(
+    requests: Sequence[Mapping[str, torch.Tensor]],
+) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """Concatenate requests along dim 0; returns the batch and each request's row count.
+
+    A single request passes through without a copy.
+    """
+    if not requests:
+        raise ValueError("collate needs at least one request")
+    sizes = [_leading_size(inputs) for inputs in requests]
+    first = requests[0]
+    if len(requests) == 1:
+        return dict(first), sizes
+    for inputs in requests[1:]:
+        if inputs.keys() != first.keys():
+            raise ValueError(f"requests name different inputs: {sorted(first)} vs {sorted(inputs)}")
+    return {name: torch.cat([inputs[name] for inputs in requests]) for name in first}, sizes
+
+
+def split(
+    outputs: Mapping[str, torch.Tensor], sizes: Sequence[int]
+) -> list[dict[str, torch.Tensor]]:
+    """Split batch outputs along dim 0 into one dict per request (views, not copies)."""
+    total = sum(sizes)
+    for name, tensor in outputs.items():
+        rows = tensor.shape[0] if isinstance(tensor, torch.Tensor) and tensor.dim() else None
+        if rows != total:
+            raise ValueError(
+                f"output {name!r} has {rows} rows for a batch of {total}; "
+                "forward() must return one row per input row along dimension 0"
+            )
+    if len(sizes) == 1:
+        return [dict(outputs)]
+    parts = {name: tensor.split(list(sizes)) for name, tensor in outputs.items()}
+    return [{name: parts[name][index] for name in parts} for index in range(len(sizes))]
+
+
+def _leading_size(inputs: Mapping[str, torch.Tensor]) -> int:
+    """Rows along dim 0 of a request (its first tensor speaks for all of them)."""
+    if not inputs:
+        raise ValueError("a request needs at least one input tensor")
+    return next(iter(inputs.values())).shape[0]
+
+
+def _signature(inputs: Mapping[str, torch.Tensor]) -> tuple[int, Hashable]:
+    """Rows and merge key of a request: names, dtypes and shapes beyond dim 0 must agree."""
+    rows = -1
+    parts = []
+    for name in sorted(inputs) if len(inputs) > 1 else inputs:
+        tensor = inputs[name]
+        shape = tensor.shape
+        if not shape:
+            raise InvalidInputError(name, "is a scalar; a batched model needs dimension 0")
+        if rows < 0:
+            rows = shape[0]
+        elif shape[0] != rows:
+            raise InvalidInputError(
+                name, f"has {shape[0]} rows where other inputs have {rows}; dimension 0 must agree"
+            )
+        parts.append((name, tensor.dtype, shape[1:]))
+    if rows < 0:
+        raise InvalidInputError(None, "the request has no input tensors")
+    return rows, tuple(parts)
+
+
+@dataclass(slots=True, eq=False)
+class _Request:
+    """One queued request; ordered by (priority level, arrival) for the heap."""
+
+    level: int
+    seq: int
+    inputs: Mapping[str, torch.Tensor]
+    rows: int
+    signature: Hashable
+    future: asyncio.Future[dict[str, torch.Tensor]]
+    deadline: float | None
+    enqueued: float
+
+    def __lt__(self, other: _Request) -> bool:
+        return (self.level, self.seq) < (other.level, other.seq)
+
+
+@dataclass(frozen=True)
+class BatcherStats:
+    """Cumulative counters of one batcher; durations in nanoseconds (Triton's units)."""
+
+    requests: int  # accepted into the queue
+    rejected: int  # refused at the door: queue full or deadline already passed
+    success: int  # answered with outputs
+    fail: int  # answered with an error: compute failed, deadline passed in queue, stopped
+    cancelled: int  # the caller went away before its request was computed
+    rows: int  # rows computed successfully (Triton's inference_count)
+    batches: int  # forward passes (Triton's execution_count)
+    batch_sizes: Mapping[int, int]  # rows in a forward pass -> number of such passes
+    batch_infer_ns: Mapping[int, int]  # rows in a forward pass -> time in forward()
+    queued: int  # waiting now
+    queue_ns: int  # time computed requests waited in the queue
+    success_ns: int  # queue + compute time of successful requests
+    fail_ns: int  # time failed requests spent in the batcher
+    compute_input_ns: int  # collating inputs
+    compute_infer_ns: int  # forward()
+    compute_output_ns: int  # splitting outputs
+    last_inference_ms: int  # wall clock of the last forward pass, ms since epoch; 0 if none
+
+    @property
+    def compute_ns(self) -> int:
+        """Collate + forward + split."""
+        return self.compute_input_ns + self.compute_infer_ns + self.compute_output_ns
+
+
+@dataclass(slots=True)
+class _Counters:
+    """Mutable counters behind `BatcherStats`; touched only on the event loop thread."""
+
+    requests: int = 0
+    rejected: int = 0
+    success: int = 0
+    fail: int = 0
+    cancelled: int = 0
+    rows: int = 0
+    batch_sizes: Counter[int] = field(default_factory=Counter)
+    batch_infer_ns: Counter[int] = field(default_factory=Counter)
+    queue_ns: int = 0
+    success_ns: int = 0
+    fail_ns: int = 0
+    compute_input_ns: int = 0
+    compute_infer_ns: int = 0
+    compute_output_ns: int = 0
+    last_inference_ms: int = 0
+
+
+_BatchResult = tuple[list[dict[str, torch.Tensor]], tuple[int, int, int]]
+
+
+def _run_batch(compute: Compute, requests: list[Mapping[str, torch.Tensor]]) -> _BatchResult:
+    """Collate, forward and split on the device thread; returns outputs and the three timings."""
+    start = time.perf_counter_ns()
+    with torch.inference_mode():
+        batch, sizes = collate(requests)
+        collated = time.perf_counter_ns()
+        outputs = compute(batch)
+        computed = time.perf_counter_ns()
+        results = split(outputs, sizes)
+    return results, (collated - start, computed - collated, time.perf_counter_ns() - computed)
+
+
+def _check_options(
+    max_batch_size: int, max_queue_delay_s: float, preferred: Sequence[int], max_queue_size: int
+) -> None:
+    """Refuse a batcher configuration that cannot work, with a sentence saying why."""
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+    if max_queue_delay_s < 0:
+        raise ValueError(f"max_queue_delay_s must be >= 0, got {max_queue_delay_s}")
+    if max_queue_size < 1:
+        raise ValueError(f"max_queue_size must be at least 1, got {max_queue_size}")
+    if any(not 1 <= size <= max_batch_size for size in preferred):
+        raise ValueError(
+            f"preferred_batch_sizes {list(preferred)} must lie in 1..max_batch_size "
+            f"({max_batch_size})"
+        )
+
+
+class DynamicBatcher:
+    """Batches one model's requests along dim 0 and runs them off the event loop.
+
+    Lifecycle is explicit: `start()` on a running loop, then `infer()` from any
+    coroutine on that loop, then `await stop()`. Priority follows Triton: a
+    lower number runs first and 0 means `default_priority_level`. Requests whose
+    input names, dtypes or shapes beyond dim 0 differ are never merged.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        compute: Compute,
+        executor: Executor,
+        *,
+        max_batch_size: int = 32,
+        max_queue_delay_s: float = 0.0,
+        preferred_batch_sizes: Sequence[int] = (),
+        max_queue_size: int = 1024,
+        default_priority_level: int = 0,
+    ) -> None:
+        _check_options(max_batch_size, max_queue_delay_s, preferred_batch_sizes, max_queue_size)
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.preferred_batch_sizes = frozenset(preferred_batch_sizes)
+        self.max_queue_size = max_queue_size
+        self.default_priority_level = default_priority_level
+        self._compute = compute
+        self._executor = executor
+        self._heap: list[_Request] = []
+        self._seq = itertools.count()
+        self._counters = _Counters()
+        # Safe outside a loop since Python 3.10: an Event binds to its loop on first wait.
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._inflight: list[_Request] = []
+        self._last_batch_requests = 0
+        self._accepting = False
+        self._closing = False
+        self._draining = False
+
+    def start(self) -> None:
+        """Start the worker task on the running event loop."""
+        if self._task is not None or self._closing:
+            raise RuntimeError(f"batcher of model {self.name!r} can only be started once")
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"batcher[{self.name}]"
+        )
+        self._accepting = True
+
+    async def stop(self, *, drain: bool = False) -> None:
+        """Stop accepting requests, then fail (or with `drain`, finish) the queued ones.
+
+        The batch already computing always finishes. Cancelling `stop()` (e.g. from
+        `asyncio.wait_for`) cancels the worker too: every waiter still pending then
+        gets `ModelNotReadyError` and the forward pass result is discarded.
+        """
+        self._accepting = False
+        self._closing = True
+        self._draining = self._draining or drain
+        if not drain:
+            self._fail_queued()
+        if self._task is None:
+            return
+        self._wakeup.set()
+        with contextlib.suppress(Exception):  # the worker logged it; stop() must not fail
+            await self._task
+
+    async def infer(
+        self,
+        inputs: Mapping[str, torch.Tensor],
+        *,
+        deadline: float | None = None,
+        priority: int = 0,
+    ) -> dict[str, torch.Tensor]:
+        """Queue one request (one or more rows along dim 0) and return its outputs.
+
+        `deadline` is on `time.monotonic()`; a request still queued when it passes
+        gets `DeadlineExceededError` and is never computed. A full queue raises
+        `QueueFullError` at once; after `stop()`, `ModelNotReadyError`.
+        """
+        if not self._accepting:
+            raise ModelNotReadyError(self.name, reason="is not accepting requests (not running)")
+        rows, signature = _signature(inputs)
+        if rows > self.max_batch_size:
+            raise InvalidInputError(
+                next(iter(inputs)),
+                f"has {rows} rows, more than max_batch_size {self.max_batch_size}",
+            )
+        if priority < 0:
+            raise InvalidInputError(None, f"priority must be >= 0, got {priority}")
+        now = time.monotonic()
+        if deadline is not None and deadline <= now:
+            self._counters.rejected += 1
+            raise DeadlineExceededError(self.name)
+        if len(self._heap) >= self.max_queue_size:
+            self._counters.rejected += 1
+            raise QueueFullError(self.name, len(self._heap))
+        future: asyncio.Future[dict[str, torch.Tensor]] = asyncio.get_running_loop().create_future()
+        level = priority or self.default_priority_level
+        request = _Request(level, next(self._seq), inputs, rows, signature, future, deadline, now)
+        heapq.heappush(self._heap, request)
+        self._counters.requests += 1
+        self._wakeup.set()
+        return await future
+
+    def stats(self) -> BatcherStats:
+        """A snapshot of the cumulative counters."""
+        c = self._counters
+        values = {f.name: getattr(c, f.name) for f in fields(c)}
+        values.update(batch_sizes=dict(c.batch_sizes), batch_infer_ns=dict(c.batch_infer_ns))
+        return BatcherStats(**values, batches=c.batch_sizes.total(), queued=len(self._heap))
+
+    async def _run(self) -> None:
+        """Worker: wait for work, collect a batch, compute it; forever until stopped."""
+        try:
+            while True:
+                if not self._heap:
+                    if self._closing:
+                        return
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                batch = await self._collect()
+                if batch:
+                    await self._execute(batch)
+                self._inflight = []
+        except Exception:
+            logger.exception("batcher of model %r crashed", self.name)
+            raise
+        finally:
+            # Whatever ends the worker (stop, cancellation, a bug), nobody waits forever.
+            self._fail(self._inflight, ModelNotReadyError(self.name, reason="was stopped"))
+            self._fail_queued()
+
+    async def _collect(self) -> list[_Request]:
+        """Pop the next batch: one signature, priority order, at most max_batch_size rows."""
+        # Kept on self so that a stop or crash mid-window still answers these requests.
+        batch: list[_Request] = []
+        self._inflight = batch
+        rows = 0
+        loaded = self._last_batch_requests > 1
+        while True:
+            rows = self._take(batch, rows)
+            if not batch:
+                return batch
+            loaded = loaded or len(batch) > 1
+            if not self._should_wait(rows, loaded):
+                break
+            if not await self._wait_for_arrival(self._window_end(batch)):
+                break
+            if self._closing and not self._draining:
+                self._fail(batch, ModelNotReadyError(self.name, reason="was stopped"))
+                return []
+        self._prune(batch)
+        return self._trim_to_preferred(batch)
+
+    def _prune(self, batch: list[_Request]) -> None:
+        """Drop requests that expired or were cancelled while the batch waited for more."""
+        now = time.monotonic()
+        for request in list(batch):
+            if request.future.done():
+                self._counters.cancelled += 1
+            elif request.deadline is not None and request.deadline <= now:
+                self._fail([request], DeadlineExceededError(self.name))
+            else:
+                continue
+            batch.remove(request)
+
+    def _take(self, batch: list[_Request], rows: int) -> int:
+        """Move waiting requests that match the batch's signature into it; returns its rows."""
+        heap, skipped = self._heap, []
+        signature = batch[0].signature if batch else None
+        now = time.monotonic()
+        while heap:
+            request = heap[0]
+            if request.future.done():  # cancelled: the caller went away
+                heapq.heappop(heap)
+                self._counters.cancelled += 1
+            elif request.deadline is not None and request.deadline <= now:
+                heapq.heappop(heap)
+                self._fail([request], DeadlineExceededError(self.name))
+            elif signature is not None and request.signature != signature:
+                skipped.append(heapq.heappop(heap))
+            elif rows + request.rows > self.max_batch_size:
+                break
+            else:
+                signature = request.signature
+                batch.append(heapq.heappop(heap))
+                rows += request.rows
+        for request in skipped:
+            heapq.heappush(heap, request)
+        return rows
+
+    def _should_wait(self, rows: int, loaded: bool) -> bool:
+        """Whether a batch should wait for more requests before it runs."""
+        return (
+            loaded
+            and not self._closing
+            and self.max_queue_delay_s > 0
+            and rows < self.max_batch_size
+            and rows not in self.preferred_batch_sizes
+        )
+
+    def _window_end(self, batch: list[_Request]) -> float:
+        """When the batch must run: its oldest request's delay bound, or an earlier deadline."""
+        end = min(request.enqueued for request in batch) + self.max_queue_delay_s
+        deadlines = [request.deadline for request in batch if request.deadline is not None]
+        return min(end, *deadlines) if deadlines else end
+
+    async def _wait_for_arrival(self, until: float) -> bool:
+        """Wait for a new request (or stop) until `until`; False when the window closed."""
+        remaining = until - time.monotonic()
+        if remaining <= 0:
+            return False
+        self._wakeup.clear()
+        try:
+            async with asyncio.timeout(remaining):
+                await self._wakeup.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def _trim_to_preferred(self, batch: list[_Request]) -> list[_Request]:
+        """Cut the batch to its longest prefix with a preferred size; requeue the rest."""
+        if not self.preferred_batch_sizes:
+            return batch
+        rows, cut = 0, 0
+        for index, request in enumerate(batch, start=1):
+            rows += request.rows
+            if rows in self.preferred_batch_sizes:
+                cut = index
+        if cut == 0 or cut == len(batch):
+            return batch
+        for request in batch[cut:]:
+            heapq.heappush(self._heap, request)
+        del batch[cut:]
+        return batch
+
+    async def _execute(self, batch: list[_Request]) -> None:
+        """Run one batch on the executor and resolve every request's future."""
+        started = time.monotonic()
+        self._last_batch_requests = len(batch)
+        loop = asyncio.get_running_loop()
+        try:
+            results, timings = await loop.run_in_executor(
+                self._executor, _run_batch, self._compute, [request.inputs for request in batch]
+            )
+        except Exception as exc:  # the model's failure is every request's failure
+            self._fail(batch, exc)
+            return
+        self._record_batch(batch, started, timings)
+        for request, outputs in zip(batch, results, strict=True):
+            if not request.future.done():
+                request.future.set_result(outputs)
+
+    def _record_batch(
+        self, batch: list[_Request], started: float, timings: tuple[int, int, int]
+    ) -> None:
+        """Add one successful batch to the counters."""
+        c, now = self._counters, time.monotonic()
+        rows = sum(request.rows for request in batch)
+        c.batch_sizes[rows] += 1
+        c.batch_infer_ns[rows] += timings[1]
+        c.compute_input_ns += timings[0]
+        c.compute_infer_ns += timings[1]
+        c.compute_output_ns += timings[2]
+        c.rows += rows
+        c.success += len(batch)
+        c.queue_ns += sum(int((started - request.enqueued) * 1e9) for request in batch)
+        c.success_ns += sum(int((now - request.enqueued) * 1e9) for request in batch)
+        c.last_inference_ms = time.time_ns() // 1_000_000  # wall clock: a timestamp, not a window
+
+    def _fail(self, requests: list[_Request], error: BaseException) -> None:
+        """Set `error` on every request still waiting for an answer."""
+        now = time.monotonic()
+        for request in requests:
+            if not request.future.done():
+                request.future.set_exception(error)
+                self._counters.fail += 1
+                self._counters.fail_ns += int((now - request.enqueued) * 1e9)
+
+    def _fail_queued(self) -> None:
+        """Fail every queued request: the batcher is stopping without draining."""
+        queued, self._heap = self._heap, []
+        self._fail(queued, ModelNotReadyError(self.name, reason="was stopped"))

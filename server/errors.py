@@ -1,0 +1,100 @@
+"""Server errors: plain classes carrying the facts, never transport status codes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def _shape(shape: Sequence[int]) -> str:
+    """Render a shape the way users write it: [-1, 3, 8, 8]."""
+    return "[" + ", ".join(str(int(d)) for d in shape) + "]"
+
+
+def _model(model: str, version: str | None) -> str:
+    """Render "model 'm'" or "model 'm' version 3"."""
+    return f"model {model!r}" if not version else f"model {model!r} version {version}"
+
+
+class ServerError(Exception):
+    """Base class of every error the server raises on purpose."""
+
+
+class InvalidInputError(ServerError):
+    """A request tensor is malformed; the sentence names the tensor when there is one."""
+
+    def __init__(self, tensor: str | None, reason: str) -> None:
+        super().__init__(f"input {tensor!r}: {reason}" if tensor is not None else reason)
+        self.tensor, self.reason = tensor, reason
+
+
+class ShapeMismatchError(InvalidInputError):
+    """A tensor's shape does not fit the model's input spec (-1 matches any size)."""
+
+    def __init__(self, tensor: str, expected: Sequence[int], received: Sequence[int]) -> None:
+        super().__init__(tensor, f"expected shape {_shape(expected)}, got {_shape(received)}")
+        self.expected, self.received = tuple(expected), tuple(received)
+
+
+class DtypeError(InvalidInputError):
+    """A tensor's datatype is not the one the model's input spec names."""
+
+    def __init__(self, tensor: str, expected: str, received: str) -> None:
+        super().__init__(tensor, f"expected datatype {expected}, got {received}")
+        self.expected, self.received = expected, received
+
+
+class ByteCountError(InvalidInputError):
+    """Raw tensor bytes do not match shape x element size."""
+
+    def __init__(
+        self, tensor: str, expected: int, received: int, datatype: str, shape: Sequence[int]
+    ) -> None:
+        super().__init__(
+            tensor,
+            f"expected {expected} bytes of {datatype} data for shape {_shape(shape)}, "
+            f"got {received}",
+        )
+        self.expected, self.received = expected, received
+        self.datatype, self.shape = datatype, tuple(shape)
+
+
+class QueueFullError(ServerError):
+    """A model's batching queue is full: the caller should back off and retry."""
+
+    def __init__(self, model: str, size: int) -> None:
+        super().__init__(f"model {model!r}: queue is full ({size} requests waiting), retry later")
+        self.model, self.size = model, size
+
+
+class DeadlineExceededError(ServerError):
+    """A request's deadline passed before its forward pass started."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"model {model!r}: deadline passed before the request was computed")
+        self.model = model
+
+
+class ModelLoadingError(ServerError):
+    """A model is still loading (or failed to load) and cannot serve yet."""
+
+    def __init__(self, model: str, version: str | None = None, reason: str = "is loading") -> None:
+        super().__init__(f"{_model(model, version)} {reason}")
+        self.model, self.version, self.reason = model, version, reason
+
+
+class ModelNotReadyError(ServerError):
+    """A model is not accepting requests (unloaded, stopping, or never started)."""
+
+    def __init__(
+        self, model: str, version: str | None = None, reason: str = "is not ready"
+    ) -> None:
+        super().__init__(f"{_model(model, version)} {reason}")
+        self.model, self.version, self.reason = model, version, reason
+
+
+class UnauthenticatedError(ServerError):
+    """A mutating call came without a bearer token while tokens are configured."""
+
+
+class PermissionDeniedError(ServerError):
+    """A bearer token was given but is not one of the configured tokens."""
