@@ -21,10 +21,12 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(BIN)/moduleserve-registry init
 	$(BIN)/moduleserve-registry demo
 
+# The demo server on 127.0.0.1:8001 (metrics on :8002), in the foreground until Ctrl-C.
 serve: demo
-	$(BIN)/moduleserve-registry list
+	$(BIN)/moduleserve-server $(SERVE_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -21,6 +21,7 @@ from registry.entities import BlobProblem, Dataset, ModuleClass, Version
 from registry.errors import InvalidInputError, ModelNotFoundError
 from registry.formats import (
     DATASET_SUFFIXES,
+    decode_tensor_file,
     decode_tensors,
     describe_tensors,
     encode_tensors,
@@ -127,7 +128,7 @@ class Registry:
 
     def state_dict(self, version: Version) -> dict[str, torch.Tensor]:
         """The version's tensors, after checking the blob against its digest."""
-        return decode_tensors(self.blobs.read(version.digest))
+        return decode_tensor_file(self.blobs.verified_path(version.digest))
 
     def module_class_of(self, version: Version) -> ModuleClass:
         """The registered class a version belongs to."""
@@ -187,7 +188,7 @@ class Registry:
 
     def load_dataset(self, name: str) -> dict[str, torch.Tensor]:
         """A dataset's tensors, verified against the digest."""
-        return decode_tensors(self.blobs.read(self.datasets.get(name).digest))
+        return decode_tensor_file(self.blobs.verified_path(self.datasets.get(name).digest))
 
     # -- maintenance -----------------------------------------------------------------------
 

@@ -69,6 +69,15 @@ class BlobStore:
             raise IntegrityError(digest, "corrupt (its bytes no longer match its digest)")
         return data
 
+    def verified_path(self, digest: str) -> Path:
+        """The blob's path after re-hashing it in chunks (no copy of the bytes is kept)."""
+        problem = self.check(digest)
+        if problem == "missing":
+            raise IntegrityError(digest, "missing from the store")
+        if problem is not None:
+            raise IntegrityError(digest, "corrupt (its bytes no longer match its digest)")
+        return self.path(digest)
+
     def check(self, digest: str) -> str | None:
         """Re-hash a blob; return None when intact, else what is wrong."""
         path = self.path(digest)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load as safetensors_load
+from safetensors.torch import load_file as safetensors_load_file
 from safetensors.torch import save as safetensors_save
 
 from registry.errors import CheckpointFormatError, UnsafeCheckpointError
@@ -111,6 +112,20 @@ def decode_tensors(data: bytes) -> dict[str, torch.Tensor]:
     try:
         tensors = safetensors_load(data)
         metadata = read_metadata(data)
+    except Exception as exc:  # safetensors raises its own error type for bad headers
+        raise CheckpointFormatError(f"not a valid safetensors file ({exc})") from exc
+    for name, target in json.loads(metadata.get(TIES_KEY, "{}")).items():
+        tensors[name] = tensors[target]
+    return tensors
+
+
+def decode_tensor_file(path: Path) -> dict[str, torch.Tensor]:
+    """`decode_tensors` straight from a file (memory-mapped: the bytes are not held twice)."""
+    try:
+        tensors = safetensors_load_file(str(path))
+        with open(path, "rb") as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            metadata = read_metadata(struct.pack("<Q", size) + handle.read(size))
     except Exception as exc:  # safetensors raises its own error type for bad headers
         raise CheckpointFormatError(f"not a valid safetensors file ({exc})") from exc
     for name, target in json.loads(metadata.get(TIES_KEY, "{}")).items():

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from registry.api import Registry
-from tests.helpers import postgres_schema, postgres_url, registry_settings
+from tests.helpers import (
+    ServerThread,
+    postgres_schema,
+    postgres_url,
+    registry_settings,
+    server_settings,
+)
+from tests.models import Doubler
 
 
 @pytest.fixture(autouse=True)
@@ -52,3 +59,29 @@ def sqlite_registry(tmp_path: Path) -> Iterator[Registry]:
     reg.init()
     yield reg
     reg.close()
+
+
+@pytest.fixture
+def demo_registry(tmp_path: Path) -> Iterator[Registry]:
+    """A SQLite registry seeded with the demo models plus the tests' own classes."""
+    from registry.classes import parse_input_spec
+    from registry.demo.seed import seed_demo
+
+    reg = Registry(registry_settings(f"sqlite:///{tmp_path / 'registry.db'}", tmp_path / "store"))
+    reg.init()
+    seed_demo(reg)
+    reg.classes.register(
+        "Doubler", "tests.models:Doubler", {}, [parse_input_spec("x:float32:-1,1")]
+    )
+    reg.push("doubler", Doubler().state_dict(), class_name="Doubler")
+    yield reg
+    reg.close()
+
+
+@pytest.fixture
+def served(demo_registry: Registry) -> Iterator[ServerThread]:
+    """A real server on an ephemeral port over the demo registry."""
+    settings = server_settings(demo_registry.settings.database_url(), demo_registry.settings.store)
+    server = ServerThread(settings)
+    yield server
+    server.stop()

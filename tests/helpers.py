@@ -69,3 +69,59 @@ def run_python(code: str, env: dict[str, str], timeout: float = 120) -> subproce
         timeout=timeout,
         cwd=REPO,
     )
+
+
+class ServerThread:
+    """A real moduleserve server on an ephemeral port, run by its own event loop in a thread,
+    so that synchronous clients (tritonclient, ModelClient) can call it from a test."""
+
+    def __init__(self, settings: object) -> None:
+        import asyncio
+        import threading
+
+        from server.app import App
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self.app: App = self.run(_make_app(settings))
+        self.port: int = self.run(self.app.start())
+        self.target = f"127.0.0.1:{self.port}"
+
+    def run(self, coro: object, timeout: float = 60) -> object:
+        """Run a coroutine on the server's loop and wait for its result."""
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)  # type: ignore[arg-type]
+
+    def stop(self) -> None:
+        """Graceful stop, then end the loop and the thread."""
+        try:
+            self.run(self.app.stop(grace=1))
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=30)
+            self._loop.close()
+
+
+async def _make_app(settings: object) -> object:
+    # App builds grpc.aio objects, which bind to the running loop: build it on that loop.
+    from server.app import App
+
+    return App(settings)  # type: ignore[arg-type]
+
+
+def server_settings(db_url: str, store: Path, **overrides: object) -> object:
+    """ServerSettings for tests: ephemeral port, no metrics endpoint, test classes allowed."""
+    from server.config import ServerSettings
+
+    values: dict[str, object] = {
+        "db": db_url,
+        "store": store,
+        "grpc_port": 0,
+        "metrics_port": None,
+        "allowed_class_prefixes": DEMO_PREFIXES,
+        "alias_refresh_s": 0.2,
+    }
+    values.update(overrides)
+    return ServerSettings(**values)

@@ -57,3 +57,29 @@ class WithNonPersistentBuffer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x) * self.scale
+
+
+class BrokenWarmup(nn.Module):
+    """Fails every real forward pass (the meta-device check at registration passes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_meta:
+            raise RuntimeError("this model cannot run")
+        return self.linear(x)
+
+
+class NanHater(nn.Module):
+    """Raises inside forward() on NaN input: an unexpected server-side failure."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_meta and torch.isnan(x).any():
+            raise RuntimeError("NaN reached a layer that cannot take it")
+        return self.linear(x)

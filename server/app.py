@@ -1,0 +1,179 @@
+"""The composition root: settings → registry → engine → servicers → gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from client.oip import OIP_SERVICE
+from client.pb import oip_v2_pb2
+from registry.api import Registry
+from server.config import ServerSettings
+from server.engine.cache import ModelCache
+from server.engine.devices import DeviceExecutors, resolve_device
+from server.metrics import EngineCollector
+from server.security import Authorizer, server_credentials
+from server.servicers.oip import InferenceServicer, oip_handler
+
+logger = logging.getLogger(__name__)
+
+OIP_PROTO_SERVICE = oip_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+class App:
+    """One running server: its registry, model cache, gRPC server and metrics endpoint."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self.registry = Registry(settings)
+        self.executors = DeviceExecutors()
+        self.health = health.aio.HealthServicer()
+        self.cache = ModelCache(
+            self.registry, settings, self.executors, self.device, on_status=self._model_status
+        )
+        self.auth = Authorizer(settings.tokens)
+        self.inference = InferenceServicer(self.cache, self.registry, self.auth)
+        self.server = self._build_server()
+        self.port = 0
+        self.metrics_port = 0
+
+    def _build_server(self) -> grpc.aio.Server:
+        limit = self.settings.max_message_mb * 1024 * 1024
+        limit = min(limit, 2**31 - 1)  # gRPC takes a signed 32-bit byte count
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 1),
+            ]
+        )
+        # Triton's wire name for existing clients, and our package's name for reflection users.
+        server.add_generic_rpc_handlers([oip_handler(self.inference)])
+        server.add_generic_rpc_handlers([_renamed(oip_handler(self.inference))])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = [
+            OIP_SERVICE,
+            OIP_PROTO_SERVICE,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ]
+        reflection.enable_server_reflection(names, server)
+        return server
+
+    async def start(self) -> int:
+        """Check the schema, bind, start serving; returns the gRPC port."""
+        await asyncio.to_thread(self.registry.check_schema)
+        address = f"{self.settings.host}:{self.settings.grpc_port}"
+        if self.settings.tls_cert and self.settings.tls_key:
+            creds = server_credentials(self.settings.tls_cert, self.settings.tls_key)
+            self.port = self.server.add_secure_port(address, creds)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"could not bind {address}")
+        await self.server.start()
+        self.cache.start()
+        for ref in self.settings.preload:
+            model, _, version = ref.partition(":")
+            await self.cache.load(model, version)
+        self._start_metrics()
+        self.inference.ready = True
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(OIP_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        logger.info(
+            "gRPC listening on %s:%d (device %s)", self.settings.host, self.port, self.device
+        )
+        return self.port
+
+    def _start_metrics(self) -> None:
+        if self.settings.metrics_port is None:
+            return
+        registry = CollectorRegistry()
+        registry.register(EngineCollector(self.cache))
+        server, _thread = start_http_server(
+            self.settings.metrics_port, addr=self.settings.host, registry=registry
+        )
+        self._metrics_server = server
+        self.metrics_port = server.server_port
+
+    async def _model_status(self, model: str, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self.health.set(model, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Refuse new calls, let in-flight ones finish, then unload and release everything."""
+        self.inference.ready = False
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.shutdown_grace_s if grace is None else grace)
+        await self.cache.close()
+        self.executors.shutdown()
+        metrics = getattr(self, "_metrics_server", None)
+        if metrics is not None:
+            metrics.shutdown()
+            metrics.server_close()
+        self.registry.close()
+
+
+def _renamed(handler: grpc.GenericRpcHandler) -> grpc.GenericRpcHandler:
+    """The same OIP methods under `moduleserve.oip.v2.GRPCInferenceService`."""
+    prefix = f"/{OIP_SERVICE}/"
+
+    class Renamed(grpc.GenericRpcHandler):
+        def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+            method = details.method
+            if not method.startswith(f"/{OIP_PROTO_SERVICE}/"):
+                return None
+            name = method.rsplit("/", 1)[1]
+            return handler.service(_Details(prefix + name, details.invocation_metadata))
+
+    return Renamed()
+
+
+class _Details(grpc.HandlerCallDetails):
+    def __init__(self, method: str, metadata: object) -> None:
+        self.method = method
+        self.invocation_metadata = metadata
+
+
+async def serve(settings: ServerSettings, port_file: Path | None = None) -> None:
+    """Run until SIGINT/SIGTERM, then shut down gracefully."""
+    app = App(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    port = await app.start()
+    if port_file is not None:
+        tmp = port_file.with_suffix(".tmp")
+        tmp.write_text(str(port))
+        tmp.replace(port_file)  # readers never see a half-written number
+    print(_banner(settings, port, app.metrics_port), flush=True)
+    await stop.wait()
+    logger.info(
+        "shutting down: finishing in-flight requests (grace %.1fs)", settings.shutdown_grace_s
+    )
+    await app.stop()
+    logger.info("stopped")
+
+
+def _banner(settings: ServerSettings, port: int, metrics_port: int) -> str:
+    target = f"{settings.host}:{port}"
+    metrics = f"http://{settings.host}:{metrics_port}/metrics" if metrics_port else "off"
+    return (
+        f"moduleserve serving on {target} (metrics: {metrics}); try:\n"
+        f"  moduleserve --target {target} models\n"
+        f"  moduleserve --target {target} infer mynet --random\n"
+        "Ctrl-C stops it."
+    )

@@ -1,0 +1,129 @@
+"""`moduleserve-server`: run the gRPC server (flags override MODULESERVE_* variables)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from server.app import serve
+from server.config import BatchingSettings, ServerSettings
+from server.logs import configure_logging
+
+BATCHING_FLAGS = ("max_batch_size", "max_queue_delay_ms", "preferred_batch_sizes", "max_queue_size")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every option; each also reads from a MODULESERVE_<NAME> environment variable."""
+    p = argparse.ArgumentParser(
+        prog="moduleserve-server",
+        description="Serve registered PyTorch models over gRPC (Open Inference Protocol). "
+        "Every option can also come from MODULESERVE_<OPTION> in the environment.",
+    )
+    add = p.add_argument
+    add("--host", help="listen address (default 127.0.0.1)")
+    add("--grpc-port", type=int, help="gRPC port (default 8001; 0 picks a free one)")
+    add("--metrics-port", type=int, help="Prometheus port (default 8002; 0 picks a free one)")
+    add("--no-metrics", action="store_true", help="do not serve Prometheus metrics")
+    add("--port-file", type=Path, help="write the bound gRPC port to this file once serving")
+    add("--db", help="registry database URL (default: sqlite file beside the store)")
+    add("--store", type=Path, help="registry blob store folder (default ./data/store)")
+    add(
+        "--allow-prefix",
+        action="append",
+        dest="allowed_class_prefixes",
+        metavar="PACKAGE",
+        help="package whose Module classes may be loaded (repeatable)",
+    )
+    add("--device", help="auto (default), cpu, cuda or cuda:N")
+    add("--dtype", choices=["float32", "float16", "bfloat16"], help="inference precision")
+    add("--max-batch-size", type=int, help="rows per forward pass (default 32)")
+    add(
+        "--max-queue-delay-ms",
+        type=float,
+        help="longest a batch waits for more requests under load (default 2)",
+    )
+    add("--preferred-batch-sizes", type=_int_list, metavar="N,N,...")
+    add("--max-queue-size", type=int, help="waiting requests per model (default 1024)")
+    add(
+        "--model-batching",
+        type=json.loads,
+        metavar="JSON",
+        help='per-model batching, e.g. \'{"mlp": {"max_batch_size": 64}}\'',
+    )
+    add("--memory-budget-mb", type=float, help="weights kept loaded (default 4096)")
+    add("--preload", action="append", metavar="MODEL[:VERSION]", help="load at start-up")
+    add("--alias-refresh-s", type=float, help="how often aliases are re-read (default 2)")
+    add("--max-message-mb", type=int, help="gRPC message size limit (default 2048)")
+    add("--shutdown-grace-s", type=float, help="time in-flight requests get on SIGTERM")
+    add("--token", action="append", dest="tokens", help="bearer token for mutating RPCs")
+    add(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow a non-loopback address without tokens",
+    )
+    add("--tls-cert", type=Path)
+    add("--tls-key", type=Path)
+    add("--log-format", choices=["plain", "json"])
+    add("--log-level", help="DEBUG, INFO (default), WARNING, ERROR")
+    return p
+
+
+def settings_from(args: argparse.Namespace) -> ServerSettings:
+    """Environment first, then every flag that was given."""
+    flags: dict[str, Any] = {
+        k: v
+        for k, v in vars(args).items()
+        if v is not None and k not in ("port_file", "no_metrics")
+    }
+    batching = {k: flags.pop(k) for k in BATCHING_FLAGS if k in flags}
+    if args.no_metrics:
+        flags["metrics_port"] = None
+    if batching:
+        base = ServerSettings.model_fields["batching"].get_default(call_default_factory=True)
+        env_batching = _env_batching() or base
+        flags["batching"] = BatchingSettings(**{**env_batching.model_dump(), **batching})
+    return ServerSettings(**flags)
+
+
+def _env_batching() -> BatchingSettings | None:
+    try:
+        return ServerSettings().batching
+    except ValidationError:
+        return None
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, validate, then serve until SIGINT/SIGTERM."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from(args)
+    except (ValidationError, ValueError) as exc:
+        print(f"error: invalid settings: {_first_error(exc)}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        asyncio.run(serve(settings, args.port_file))
+    except Exception as exc:  # start-up failures: one sentence, details in the log
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _first_error(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        return f"{where}: {err['msg']}" if where else err["msg"]
+    return str(exc)

@@ -1,0 +1,103 @@
+"""Server settings: one object built from flags and MODULESERVE_* variables, passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from registry.config import RegistrySettings
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+class BatchingSettings(BaseModel):
+    """Dynamic batching knobs (Triton's names), global or per model."""
+
+    max_batch_size: int = Field(32, gt=0)
+    """Most rows one forward pass takes; larger requests are refused."""
+
+    max_queue_delay_ms: float = Field(2.0, ge=0)
+    """Longest a batch waits for more requests once there is load (a lone request never waits)."""
+
+    preferred_batch_sizes: list[int] = Field(default_factory=list)
+    """Stop collecting once a batch reaches one of these sizes."""
+
+    max_queue_size: int = Field(1024, gt=0)
+    """Requests waiting per model before new ones get RESOURCE_EXHAUSTED."""
+
+
+class ServerSettings(RegistrySettings):
+    """Everything `moduleserve-server` can be told (flags override environment)."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on; a non-loopback one needs tokens or --insecure."""
+
+    grpc_port: int = Field(8001, ge=0, le=65535)
+    """gRPC port; 0 picks a free one (tests)."""
+
+    metrics_port: int | None = Field(8002, ge=0, le=65535)
+    """Prometheus metrics HTTP port; 0 picks a free one, None (--no-metrics) disables it."""
+
+    device: str = "auto"
+    """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`."""
+
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Floating-point precision of inference (half types only on CUDA)."""
+
+    batching: BatchingSettings = Field(default_factory=BatchingSettings)
+    """Batching defaults for every model."""
+
+    model_batching: dict[str, BatchingSettings] = Field(default_factory=dict)
+    """Per-model overrides, e.g. {"mlp": {"max_batch_size": 64}}."""
+
+    memory_budget_mb: float = Field(4096, gt=0)
+    """Weights the cache may hold; least recently used models are unloaded beyond it."""
+
+    preload: list[str] = Field(default_factory=list)
+    """Models (`name` or `name:version`) to load at start-up instead of on first request."""
+
+    alias_refresh_s: float = Field(2.0, gt=0)
+    """How often aliases of loaded models are re-read, to pick up moves without a restart."""
+
+    max_message_mb: int = Field(2048, gt=0, le=2048)
+    """gRPC send/receive limit (gRPC's own 4 MiB default is too small for real tensors)."""
+
+    shutdown_grace_s: float = Field(10.0, ge=0)
+    """How long in-flight requests may finish after SIGTERM."""
+
+    tokens: list[str] = Field(default_factory=list)
+    """Bearer tokens accepted for mutating RPCs (load, unload); empty: none required."""
+
+    insecure: bool = False
+    """Allow a non-loopback address with no tokens."""
+
+    tls_cert: Path | None = None
+    """PEM certificate chain; with tls_key, the port speaks TLS."""
+
+    tls_key: Path | None = None
+    """PEM private key for tls_cert."""
+
+    log_format: Literal["plain", "json"] = "plain"
+    """Log line format on stderr."""
+
+    log_level: str = "INFO"
+    """Root log level."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ServerSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.host not in LOOPBACK_HOSTS and not self.tokens and not self.insecure:
+            raise ValueError(
+                f"refusing to listen on {self.host} without tokens: set MODULESERVE_TOKENS "
+                "or pass --insecure"
+            )
+        if self.dtype != "float32" and self.device == "cpu":
+            raise ValueError(f"--dtype {self.dtype} needs a CUDA device")
+        return self
+
+    def batching_for(self, model: str) -> BatchingSettings:
+        """The batching settings of one model (its override, else the defaults)."""
+        return self.model_batching.get(model, self.batching)

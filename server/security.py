@@ -1,0 +1,45 @@
+"""Bearer-token checks for mutating RPCs, and TLS credentials from files."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from server.errors import PermissionDeniedError, UnauthenticatedError
+
+
+class Authorizer:
+    """Accepts a call when no tokens are configured or its bearer token is one of them."""
+
+    def __init__(self, tokens: Sequence[str]) -> None:
+        self._tokens = [t.encode() for t in tokens if t]
+
+    @property
+    def enabled(self) -> bool:
+        """Whether tokens are required at all."""
+        return bool(self._tokens)
+
+    def check(self, context: grpc.aio.ServicerContext) -> None:
+        """Raise UnauthenticatedError / PermissionDeniedError unless the call may mutate."""
+        if not self._tokens:
+            return
+        header = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization" and isinstance(value, str):
+                header = value
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise UnauthenticatedError(
+                "this call changes the server: send 'authorization: Bearer <token>' metadata"
+            )
+        # compare_digest against every token: no early exit that would leak timing.
+        if not any(hmac.compare_digest(token.encode(), known) for known in self._tokens):
+            raise PermissionDeniedError("the bearer token is not one of the server's tokens")
+
+
+def server_credentials(cert: Path, key: Path) -> grpc.ServerCredentials:
+    """TLS credentials from PEM files."""
+    return grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])

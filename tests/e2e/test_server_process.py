@@ -1,0 +1,108 @@
+"""`moduleserve-server` as a process: SIGTERM drains in-flight requests and exits 0."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from client.client import ModelClient
+from registry.api import Registry
+from registry.classes import parse_input_spec
+from tests.helpers import REPO
+from tests.models import SlowNet
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_zero(
+    demo_registry: Registry, tmp_path: Path
+) -> None:
+    demo_registry.classes.register(
+        "Slow", "tests.models:SlowNet", {"delay_s": 1.0}, [parse_input_spec("x:float32:-1,2")]
+    )
+    demo_registry.push("slow", SlowNet(1.0).state_dict(), class_name="Slow")
+    port_file = tmp_path / "port"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    args = [
+        sys.executable,
+        "-m",
+        "server",
+        "--db",
+        demo_registry.settings.database_url(),
+        "--store",
+        str(demo_registry.settings.store),
+        "--allow-prefix",
+        "registry.demo",
+        "--allow-prefix",
+        "tests.models",
+        "--grpc-port",
+        "0",
+        "--no-metrics",
+        "--port-file",
+        str(port_file),
+        "--preload",
+        "slow",
+    ]
+    proc = subprocess.Popen(
+        args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + 90
+    while not port_file.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.05)
+    target = f"127.0.0.1:{port_file.read_text()}"
+    results: list[np.ndarray] = []
+    with ModelClient(target) as client:
+        assert client.ready("slow")  # --preload loaded it before the port file appeared
+        pending = threading.Thread(
+            target=lambda: results.append(client.infer("slow", np.ones(2, np.float32)))
+        )
+        pending.start()
+        time.sleep(0.3)  # the 1 s forward is running
+        proc.send_signal(signal.SIGTERM)
+        pending.join(timeout=30)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    assert len(results) == 1 and results[0].shape == (2,)
+    assert "shutting down" in output and "stopped" in output
+
+
+def test_bad_settings_exit_2_with_one_sentence(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "--host", "0.0.0.0", "--grpc-port", "0"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "refusing to listen on 0.0.0.0 without tokens" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_outdated_schema_is_refused_naming_the_fix(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "--db",
+            f"sqlite:///{tmp_path / 'empty.db'}",
+            "--store",
+            str(tmp_path / "store"),
+            "--grpc-port",
+            "0",
+            "--no-metrics",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "run `moduleserve-registry init`" in result.stderr

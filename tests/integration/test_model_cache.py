@@ -1,0 +1,156 @@
+"""The model cache: lazy and explicit loads, LRU under a memory budget, memory really freed."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from client.client import ModelClient
+from client.errors import UnavailableError
+from registry.api import Registry
+from registry.classes import parse_input_spec
+from tests.helpers import ServerThread, server_settings
+from tests.models import Wide
+
+
+def start(registry: Registry, **overrides: object) -> ServerThread:
+    return ServerThread(
+        server_settings(registry.settings.database_url(), registry.settings.store, **overrides)
+    )
+
+
+def loaded(server: ServerThread) -> list[str]:
+    return sorted(f"{m.name}:{m.version.version}" for m in server.app.cache.loaded())
+
+
+def test_lazy_load_then_explicit_unload(served: ServerThread) -> None:
+    with ModelClient(served.target) as client:
+        assert loaded(served) == []
+        assert client.health("mynet") == "SERVICE_UNKNOWN"
+        client.infer("mynet", np.zeros((3, 8, 8), np.float32))
+        assert loaded(served) == ["mynet:1"]
+        assert client.health("mynet") == "SERVING"
+        client.unload("mynet")
+        assert loaded(served) == [] and not client.ready("mynet")
+        assert client.health("mynet") == "NOT_SERVING"
+
+
+def test_least_recently_used_model_is_evicted_beyond_the_budget(
+    demo_registry: Registry,
+) -> None:
+    sizes = {m: demo_registry.checkpoints.resolve(m).size for m in ("mynet", "nested", "mlp")}
+    budget_mb = (sizes["mlp"] + sizes["nested"] + sizes["mynet"] // 2) / 2**20
+    server = start(demo_registry, memory_budget_mb=budget_mb)
+    try:
+        with ModelClient(server.target) as client:
+            client.load("mlp")
+            client.load("nested")
+            client.infer("mlp", np.zeros(784, np.float32))  # mlp is now the most recent
+            client.load("mynet")  # does not fit: the least recently used (nested) goes
+            assert loaded(server) == ["mlp:1", "mynet:1"]
+    finally:
+        server.stop()
+
+
+def test_a_model_larger_than_the_budget_is_refused_with_a_sentence(
+    demo_registry: Registry,
+) -> None:
+    server = start(demo_registry, memory_budget_mb=0.01)
+    try:
+        with ModelClient(server.target) as client:
+            with pytest.raises(UnavailableError, match="more than the memory budget"):
+                client.load("mlp")
+            assert client.health() == "SERVING"
+    finally:
+        server.stop()
+
+
+def test_warm_up_failure_keeps_the_model_unready(demo_registry: Registry) -> None:
+    demo_registry.classes.register(
+        "Broken", "tests.models:BrokenWarmup", {}, [parse_input_spec("x:float32:-1,2")]
+    )
+    from tests.models import BrokenWarmup
+
+    demo_registry.push("broken", BrokenWarmup().state_dict(), class_name="Broken")
+    server = start(demo_registry)
+    try:
+        with ModelClient(server.target) as client:
+            with pytest.raises(UnavailableError, match="failed its warm-up forward pass"):
+                client.infer("broken", np.zeros(2, np.float32))
+            assert not client.ready("broken") and loaded(server) == []
+            assert client.health() == "SERVING"
+    finally:
+        server.stop()
+
+
+def rss() -> int:
+    gc.collect()
+    return psutil.Process().memory_info().rss
+
+
+def test_loading_holds_one_copy_and_unloading_frees_it(demo_registry: Registry) -> None:
+    demo_registry.classes.register(
+        "Wide",
+        "tests.models:Wide",
+        {"features": 2048, "layers": 8},
+        [parse_input_spec("x:float32:-1,2048")],
+    )
+    demo_registry.push("wide", Wide(2048, 8).state_dict(), class_name="Wide")
+    size = demo_registry.checkpoints.resolve("wide").size  # 128 MiB of float32
+    server = start(demo_registry)
+    try:
+        with ModelClient(server.target) as client:
+            client.load("doubler")  # warm every code path first
+            before = rss()
+            peak = [before]
+            sampling = threading.Event()
+
+            def sample() -> None:
+                while not sampling.is_set():
+                    peak.append(psutil.Process().memory_info().rss)
+                    time.sleep(0.002)
+
+            sampler = threading.Thread(target=sample)
+            sampler.start()
+            client.load("wide")
+            sampling.set()
+            sampler.join()
+            after_load = rss()
+            client.unload("wide")
+            after_unload = rss()
+    finally:
+        server.stop()
+    assert after_load - before > 0.8 * size
+    assert max(peak) - before < 1.5 * size, (max(peak) - before) / size
+    assert after_unload - before < 0.25 * size, (after_unload - before) / size
+
+
+def test_unload_waits_for_requests_in_flight(demo_registry: Registry) -> None:
+    demo_registry.classes.register(
+        "Slow", "tests.models:SlowNet", {"delay_s": 0.3}, [parse_input_spec("x:float32:-1,2")]
+    )
+    from tests.models import SlowNet
+
+    demo_registry.push("slow", SlowNet().state_dict(), class_name="Slow")
+    server = start(demo_registry)
+    try:
+        with ModelClient(server.target) as client:
+            client.load("slow")
+            result: list[np.ndarray] = []
+            pending = threading.Thread(
+                target=lambda: result.append(client.infer("slow", np.ones(2, np.float32)))
+            )
+            pending.start()
+            time.sleep(0.05)
+            client.unload("slow")
+            pending.join(timeout=10)
+        assert len(result) == 1 and result[0].shape == (2,)
+        assert torch.isfinite(torch.from_numpy(result[0])).all()
+    finally:
+        server.stop()

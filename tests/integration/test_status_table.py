@@ -1,0 +1,131 @@
+"""Each row of the error table, triggered through a real server; health stays SERVING."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import grpc
+import numpy as np
+import pytest
+
+from client.client import ModelClient
+from client.errors import ModuleServeError
+from registry import errors as registry_errors
+from registry.api import Registry
+from registry.classes import parse_input_spec
+from server import errors as server_errors
+from server.status import STATUS_FOR, status_for
+from tests.helpers import ServerThread, server_settings
+from tests.models import NanHater
+
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture
+def guarded(demo_registry: Registry) -> Iterator[ServerThread]:
+    demo_registry.classes.register(
+        "NanHater", "tests.models:NanHater", {}, [parse_input_spec("x:float32:-1,2")]
+    )
+    demo_registry.push("nanhater", NanHater().state_dict(), class_name="NanHater")
+    corrupt = demo_registry.checkpoints.resolve("nested")
+    path = demo_registry.blobs.path(corrupt.digest)
+    path.write_bytes(path.read_bytes()[:-1] + b"\x00")
+    server = ServerThread(
+        server_settings(
+            demo_registry.settings.database_url(), demo_registry.settings.store, tokens=[TOKEN]
+        )
+    )
+    yield server
+    server.stop()
+
+
+def load(token: str | None, model: str = "mynet") -> Callable[[str], None]:
+    def call(target: str) -> None:
+        with ModelClient(target, token=token) as client:
+            client.load(model)
+
+    return call
+
+
+def infer(model: str, x: np.ndarray) -> Callable[[str], None]:
+    def call(target: str) -> None:
+        with ModelClient(target) as client:
+            client.infer(model, x)
+
+    return call
+
+
+CASES = [
+    ("missing token", load(None), grpc.StatusCode.UNAUTHENTICATED, "authorization: Bearer"),
+    ("wrong token", load("nope"), grpc.StatusCode.PERMISSION_DENIED, "not one of"),
+    ("corrupt checkpoint", load(TOKEN, "nested"), grpc.StatusCode.DATA_LOSS, "corrupt"),
+    ("unknown model", load(TOKEN, "ghost"), grpc.StatusCode.NOT_FOUND, "model 'ghost' not found"),
+    (
+        "bad input",
+        infer("mynet", np.zeros((2, 2), np.float32)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "expected shape",
+    ),
+    (
+        "unexpected failure in forward",
+        infer("nanhater", np.full(2, np.nan, np.float32)),
+        grpc.StatusCode.INTERNAL,
+        "internal error (request id ",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "call", "code", "sentence"), CASES, ids=[c[0] for c in CASES])
+def test_status_rows_through_the_server(
+    guarded: ServerThread,
+    case: str,
+    call: Callable[[str], None],
+    code: grpc.StatusCode,
+    sentence: str,
+) -> None:
+    with pytest.raises(ModuleServeError) as err:
+        call(guarded.target)
+    assert err.value.code == code and sentence in err.value.details
+    assert "NaN reached" not in err.value.details  # internal details stay in the log
+    with ModelClient(guarded.target, token=TOKEN) as client:
+        assert client.health() == "SERVING"
+        client.load("mynet")
+        assert client.infer("doubler", np.array([2.0], np.float32)).tolist() == [5.0]
+
+
+def test_internal_errors_carry_a_request_id_the_client_can_quote(guarded: ServerThread) -> None:
+    with pytest.raises(ModuleServeError) as err:
+        infer("nanhater", np.full(2, np.nan, np.float32))(guarded.target)
+    assert err.value.request_id and len(err.value.request_id) >= 8
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (registry_errors.ModelNotFoundError("m"), grpc.StatusCode.NOT_FOUND),
+        (registry_errors.VersionNotFoundError("m", "3"), grpc.StatusCode.NOT_FOUND),
+        (registry_errors.AlreadyExistsError("taken"), grpc.StatusCode.ALREADY_EXISTS),
+        (registry_errors.InvalidNameError("model", "..", "rule"), grpc.StatusCode.INVALID_ARGUMENT),
+        (registry_errors.AliasConflictError("m", "a", 1, 2), grpc.StatusCode.ABORTED),
+        (registry_errors.VersionInUseError("m", 1, ["a"]), grpc.StatusCode.FAILED_PRECONDITION),
+        (
+            registry_errors.StateDictMismatchError("C", ["k"], [], []),
+            grpc.StatusCode.FAILED_PRECONDITION,
+        ),
+        (registry_errors.IntegrityError("ab" * 32, "corrupt"), grpc.StatusCode.DATA_LOSS),
+        (registry_errors.RegistryUnavailableError("locked"), grpc.StatusCode.UNAVAILABLE),
+        (server_errors.ShapeMismatchError("x", [-1, 2], [1, 3]), grpc.StatusCode.INVALID_ARGUMENT),
+        (server_errors.QueueFullError("m", 3), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (server_errors.DeadlineExceededError("m"), grpc.StatusCode.DEADLINE_EXCEEDED),
+        (server_errors.ModelLoadingError("m"), grpc.StatusCode.UNAVAILABLE),
+        (RuntimeError("anything else"), None),
+    ],
+)
+def test_the_table_walks_the_class_hierarchy(
+    error: Exception, code: grpc.StatusCode | None
+) -> None:
+    assert status_for(error) == code
+
+
+def test_every_table_entry_is_an_exception_class() -> None:
+    assert all(issubclass(cls, Exception) for cls in STATUS_FOR)
