@@ -1,0 +1,1 @@
+"""Checks that need CUDA; skipped on machines without it."""
