@@ -13,6 +13,7 @@ import numpy as np
 
 from client.client import ModelClient, ModelInfo
 from client.errors import ModuleServeError
+from client.inspect_cli import add_inspect_command
 from client.tables import format_table, to_json
 
 DEFAULT_TARGET = "127.0.0.1:8001"
@@ -171,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--seed", type=int, default=0, help="seed of --random input")
     infer.add_argument("--priority", type=int, default=0, help="1 is highest; 0 default")
     infer.add_argument("--output", help="also save the outputs to this .npz")
-    _add_optional_commands(commands)
+    add_inspect_command(commands)
     return parser
 
 
@@ -186,12 +187,3 @@ def _adder(
         return sub
 
     return add
-
-
-def _add_optional_commands(commands: Any) -> None:
-    """Commands whose modules arrive with their features (introspection)."""
-    try:
-        from client.inspect_cli import add_inspect_command
-    except ImportError:
-        return
-    add_inspect_command(commands)

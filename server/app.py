@@ -13,13 +13,14 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from client.oip import OIP_SERVICE
-from client.pb import oip_v2_pb2
+from client.pb import moduleserve_v1_pb2, moduleserve_v1_pb2_grpc, oip_v2_pb2
 from registry.api import Registry
 from server.config import ServerSettings
 from server.engine.cache import ModelCache
 from server.engine.devices import DeviceExecutors, resolve_device
 from server.metrics import EngineCollector
 from server.security import Authorizer, server_credentials
+from server.servicers.introspection import IntrospectionServicer
 from server.servicers.oip import InferenceServicer, oip_handler
 
 logger = logging.getLogger(__name__)
@@ -59,9 +60,13 @@ class App:
         server.add_generic_rpc_handlers([oip_handler(self.inference)])
         server.add_generic_rpc_handlers([_renamed(oip_handler(self.inference))])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        moduleserve_v1_pb2_grpc.add_IntrospectionServicer_to_server(
+            IntrospectionServicer(self.registry, self.cache), server
+        )
         names = [
             OIP_SERVICE,
             OIP_PROTO_SERVICE,
+            moduleserve_v1_pb2.DESCRIPTOR.services_by_name["Introspection"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ]

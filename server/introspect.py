@@ -26,6 +26,7 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 22
 # 256Ki elements are 2 MiB even as float64: under gRPC's default 4 MiB message limit.
 DEFAULT_MAX_ELEMENTS = 1 << 18
 _MAX_SLICE_CHARS = 1024
+_MAX_PATTERN_CHARS = 1024
 _INT_RE = re.compile(r"[+-]?\d{1,19}")
 
 Kind = Literal["parameters", "buffers", "all"]
@@ -33,11 +34,12 @@ TensorKind = Literal["parameter", "buffer"]
 
 
 class InvalidPatternError(ValueError):
-    """A tensor-name pattern that cannot be used (an empty glob)."""
+    """A tensor-name pattern that cannot be used (empty, too long, or an unclosed '[')."""
 
-    def __init__(self, pattern: str) -> None:
-        super().__init__(f"name pattern {pattern!r} is empty; give a glob such as 'encoder.*'")
-        self.pattern = pattern
+    def __init__(self, pattern: str, reason: str = "is empty") -> None:
+        shown = pattern if len(pattern) <= 60 else pattern[:57] + "..."
+        super().__init__(f"name pattern {shown!r} {reason}; give a glob such as 'encoder.*'")
+        self.pattern, self.reason = pattern, reason
 
 
 class TensorNotFoundError(LookupError):
@@ -231,8 +233,8 @@ def tensor_summaries(
     """Summarize parameters and/or buffers whose names match the fnmatch glob ``pattern``."""
     if kind not in ("parameters", "buffers", "all"):
         raise ValueError(f"kind must be 'parameters', 'buffers' or 'all', not {kind!r}")
-    if pattern is not None and not pattern.strip():
-        raise InvalidPatternError(pattern)
+    if pattern is not None:
+        check_pattern(pattern)
     entries = list(_named_tensors(module))
     # Ties are found among all entries, so tied_to does not depend on kind or pattern.
     aliases: dict[Hashable, list[str]] = {}
@@ -256,6 +258,30 @@ def tensor_summaries(
         )
         summaries.append(summary)
     return summaries
+
+
+def check_pattern(pattern: str) -> None:
+    """Raise InvalidPatternError for a glob that is blank, over-long or has an unclosed '['.
+
+    fnmatch would read an unclosed '[' as a literal character and silently match nothing.
+    """
+    if not pattern.strip():
+        raise InvalidPatternError(pattern)
+    if len(pattern) > _MAX_PATTERN_CHARS:
+        raise InvalidPatternError(pattern, f"is longer than {_MAX_PATTERN_CHARS} characters")
+    start = pattern.find("[")
+    while start != -1:
+        # As fnmatch does: a ']' right after '[' or '[!' belongs to the set.
+        first = start + 1 + (pattern[start + 1 : start + 2] == "!")
+        end = pattern.find("]", first + 1)
+        if end == -1:
+            raise InvalidPatternError(pattern, f"has an unclosed '[' at position {start}")
+        start = pattern.find("[", end + 1)
+
+
+def tensor_kinds(module: nn.Module) -> dict[str, TensorKind]:
+    """Map every parameter and buffer name (tied names included) to its kind."""
+    return {name: kind for name, kind, _ in _named_tensors(module)}
 
 
 def tensor_stats(

@@ -17,8 +17,9 @@ pytestmark = [
 
 
 def start(registry: Registry, **overrides: object) -> ServerThread:
-    return ServerThread(server_settings(registry.settings.database_url(),
-                                        registry.settings.store, **overrides))
+    return ServerThread(
+        server_settings(registry.settings.database_url(), registry.settings.store, **overrides)
+    )
 
 
 def local(registry: Registry, model: str, x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,193 @@
+"""Pure converters between introspection results (server.introspect) and moduleserve.v1 messages."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from client.pb import moduleserve_v1_pb2 as pb
+from registry.entities import Version
+from registry.errors import InvalidInputError
+from server.introspect import (
+    DiffMetrics,
+    Kind,
+    ModuleNode,
+    StateDiff,
+    TensorDiff,
+    TensorKind,
+    TensorStats,
+    TensorSummary,
+    Totals,
+)
+
+KIND_TO_PB: dict[TensorKind, pb.TensorKind] = {
+    "parameter": pb.TENSOR_KIND_PARAMETER,
+    "buffer": pb.TENSOR_KIND_BUFFER,
+}
+FILTER_FROM_PB: dict[int, Kind] = {
+    pb.TENSOR_KIND_UNSPECIFIED: "all",
+    pb.TENSOR_KIND_PARAMETER: "parameters",
+    pb.TENSOR_KIND_BUFFER: "buffers",
+}
+
+
+def ref_from_pb(ref: pb.ModelRef, field: str = "model") -> tuple[str, str]:
+    """(model, version ref) of a ModelRef; a missing model name is INVALID_ARGUMENT."""
+    if not ref.model:
+        raise InvalidInputError(f"the request names no model in {field!r}")
+    return ref.model, ref.version.strip()
+
+
+def kind_filter_from_pb(kind: int) -> Kind:
+    """The tensor_summaries kind for a ListTensorsRequest.kind (an open proto3 enum)."""
+    try:
+        return FILTER_FROM_PB[kind]
+    except KeyError:
+        raise InvalidInputError(f"unknown tensor kind {kind}: use 0 (all), 1 or 2") from None
+
+
+def version_to_pb(version: Version, loaded: bool = False) -> pb.ModelVersion:
+    """The version a ref resolved to; `loaded`: figures come from the served module."""
+    return pb.ModelVersion(
+        model=version.model,
+        version=version.version,
+        class_name=version.class_name,
+        loaded=loaded,
+    )
+
+
+def module_node_to_pb(node: ModuleNode) -> pb.ModuleNode:
+    """One module-tree node."""
+    return pb.ModuleNode(
+        name=node.name,
+        depth=node.depth,
+        class_name=node.class_name,
+        extra_repr=node.extra_repr,
+        parameters=node.parameters,
+        trainable=node.trainable,
+        frozen=node.frozen,
+        own_parameters=node.own_parameters,
+    )
+
+
+def totals_to_pb(totals: Totals) -> pb.Totals:
+    """Whole-module totals."""
+    return pb.Totals(**totals.to_dict())
+
+
+def tree_to_pb(
+    version: Version, loaded: bool, nodes: Iterable[ModuleNode], totals: Totals, text: str
+) -> pb.GetModuleTreeResponse:
+    """The GetModuleTree response."""
+    return pb.GetModuleTreeResponse(
+        model=version_to_pb(version, loaded),
+        nodes=[module_node_to_pb(node) for node in nodes],
+        totals=totals_to_pb(totals),
+        text=text,
+    )
+
+
+def stats_to_pb(stats: TensorStats) -> pb.TensorStats:
+    """Statistics; None figures stay unset (optional fields)."""
+    fields = {key: value for key, value in stats.to_dict().items() if value is not None}
+    return pb.TensorStats(**fields)
+
+
+def summary_to_pb(summary: TensorSummary) -> pb.TensorSummary:
+    """One parameter or buffer; `stats` is left unset when there are none."""
+    message = pb.TensorSummary(
+        name=summary.name,
+        kind=KIND_TO_PB[summary.kind],
+        shape=summary.shape,
+        dtype=summary.dtype,
+        device=summary.device,
+        numel=summary.numel,
+        requires_grad=summary.requires_grad,
+        tied_to=summary.tied_to,
+    )
+    if summary.stats is not None:
+        message.stats.CopyFrom(stats_to_pb(summary.stats))
+    return message
+
+
+def tensors_to_pb(
+    version: Version, loaded: bool, summaries: Iterable[TensorSummary], totals: Totals
+) -> pb.ListTensorsResponse:
+    """The ListTensors response."""
+    return pb.ListTensorsResponse(
+        model=version_to_pb(version, loaded),
+        tensors=[summary_to_pb(s) for s in summaries],
+        totals=totals_to_pb(totals),
+    )
+
+
+def tensor_to_pb(
+    version: Version, loaded: bool, name: str, tensor: torch.Tensor
+) -> pb.GetTensorResponse:
+    """One tensor's values as row-major little-endian bytes with dtype and shape."""
+    return pb.GetTensorResponse(
+        model=version_to_pb(version, loaded),
+        name=name,
+        dtype=str(tensor.dtype).removeprefix("torch."),
+        shape=tuple(tensor.shape),
+        data=tensor_bytes(tensor),
+    )
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """Row-major element bytes of a CPU tensor, any dtype (bfloat16 and bool included)."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)  # one byte per element, 0 or 1, whatever the platform
+    # A uint8 view reinterprets the storage; numpy has no bfloat16 or float8 to go through.
+    return flat.view(torch.uint8).numpy().tobytes()
+
+
+def metrics_to_pb(metrics: DiffMetrics) -> pb.DiffMetrics:
+    """How one tensor changed (base = a, other = b)."""
+    message = pb.DiffMetrics(
+        changed_elements=metrics.changed_elements,
+        nonfinite_changed=metrics.nonfinite_changed,
+        norm_base=metrics.norm_a,
+        diff_norm=metrics.diff_norm,
+        max_abs_diff=metrics.max_abs_diff,
+    )
+    if metrics.relative_change is not None:
+        message.relative_change = metrics.relative_change
+    return message
+
+
+def tensor_diff_to_pb(entry: TensorDiff, kind: TensorKind | None) -> pb.TensorDiff:
+    """One key present in both versions."""
+    message = pb.TensorDiff(
+        name=entry.name,
+        kind=KIND_TO_PB[kind] if kind is not None else pb.TENSOR_KIND_UNSPECIFIED,
+        shape_base=entry.shape_a,
+        shape_other=entry.shape_b,
+        dtype_base=entry.dtype_a,
+        dtype_other=entry.dtype_b,
+        shape_mismatch=entry.shape_mismatch,
+        dtype_mismatch=entry.dtype_mismatch,
+        changed=entry.changed,
+    )
+    if entry.metrics is not None:
+        message.metrics.CopyFrom(metrics_to_pb(entry.metrics))
+    return message
+
+
+def diff_to_pb(
+    base: Version, other: Version, diff: StateDiff, kinds: Mapping[str, TensorKind]
+) -> pb.DiffVersionsResponse:
+    """The DiffVersions response; `kinds` tags each key as parameter or buffer."""
+    return pb.DiffVersionsResponse(
+        base=version_to_pb(base),
+        other=version_to_pb(other),
+        entries=[tensor_diff_to_pb(e, kinds.get(e.name)) for e in diff.entries],
+        only_base=diff.only_a,
+        only_other=diff.only_b,
+        compared=diff.compared,
+        changed=diff.changed,
+        unchanged=diff.unchanged,
+        mismatched=diff.mismatched,
+    )
