@@ -1,7 +1,8 @@
 """`moduleserve inspect MODEL[:VERSION] tree|params|buffers|tensor NAME|diff OTHER`.
 
 Tables for people; `--json` (global, or after the view) for scripts. Errors are one
-sentence on stderr and exit status 1.
+sentence on stderr and exit status 1. The views and the rendering of the client's
+dataclasses are shared with the offline `moduleserve-registry inspect`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 import functools
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from client.introspection import (
     IntrospectionClient,
     KindFilter,
     ModelVersion,
+    ModuleTree,
     TensorListing,
     TensorSummary,
     Totals,
@@ -55,27 +57,42 @@ def add_inspect_command(subparsers: Any) -> None:
     text = "show a model version's module tree, tensors, values or diff against another"
     inspect = subparsers.add_parser("inspect", help=text, description=text)
     inspect.add_argument("model", metavar="MODEL[:VERSION]", help="version number or alias")
-    views = inspect.add_subparsers(dest="view", required=True, metavar="VIEW")
+    handlers = {"tree": cmd_tree, "tensors": cmd_tensors, "tensor": cmd_tensor, "diff": cmd_diff}
+    tensor = add_views(inspect, handlers)["tensor"]
+    tensor.add_argument("--out", type=Path, metavar="FILE.npy", help="also save the values")
 
-    def view(name: str, func: Handler, help_text: str) -> argparse.ArgumentParser:
+
+def add_views(
+    inspect: argparse.ArgumentParser, handlers: Mapping[str, Callable[..., int]]
+) -> dict[str, argparse.ArgumentParser]:
+    """Add the views tree, params, buffers, tensor and diff to an `inspect` parser.
+
+    `handlers` maps "tree", "tensors", "tensor" and "diff" to each view's `func`.
+    Returns the view parsers by name, for options of one CLI only.
+    """
+    views = inspect.add_subparsers(dest="view", required=True, metavar="VIEW")
+    parsers: dict[str, argparse.ArgumentParser] = {}
+
+    def view(name: str, func: Callable[..., int], help_text: str) -> argparse.ArgumentParser:
         sub: argparse.ArgumentParser = views.add_parser(name, help=help_text, description=help_text)
         # SUPPRESS: absent here leaves the global --json as it was.
         sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
         sub.set_defaults(func=func)
+        parsers[name] = sub
         return sub
 
-    view("tree", cmd_tree, "every submodule with its parameter counts")
+    view("tree", handlers["tree"], "every submodule with its parameter counts")
     for name, kind in (("params", "parameters"), ("buffers", "buffers")):
-        sub = view(name, cmd_tensors, f"{kind} with shapes, dtypes and statistics")
+        sub = view(name, handlers["tensors"], f"{kind} with shapes, dtypes and statistics")
         sub.add_argument("--pattern", metavar="GLOB", help="only names matching, e.g. 'fc.*'")
         sub.set_defaults(kind=kind)
-    tensor = view("tensor", cmd_tensor, "one tensor's values")
+    tensor = view("tensor", handlers["tensor"], "one tensor's values")
     tensor.add_argument("name", help="qualified name, e.g. block1.bn.running_mean")
     tensor.add_argument("--slice", dest="slices", metavar="INDEX", help="numpy index, e.g. '0:2,:'")
     tensor.add_argument("--max-elements", type=int, metavar="N", help="refuse more (262144)")
-    tensor.add_argument("--out", type=Path, metavar="FILE.npy", help="also save the values")
-    diff = view("diff", cmd_diff, "per-tensor changes of OTHER against MODEL[:VERSION]")
+    diff = view("diff", handlers["diff"], "per-tensor changes of OTHER against MODEL[:VERSION]")
     diff.add_argument("other", metavar="OTHER", help="version or alias of MODEL, or MODEL:VERSION")
+    return parsers
 
 
 @_one_sentence_errors
@@ -84,12 +101,7 @@ def cmd_tree(args: argparse.Namespace) -> int:
     model, version = split_ref(args.model)
     with _session(args) as inspect:
         tree = inspect.tree(model, version)
-    if args.json:
-        print(to_json(tree.to_dict()))
-        return 0
-    print(_header(tree.model))
-    print(tree.text)
-    print(format_totals(tree.totals))
+    print(render_tree(tree, as_json=args.json))
     return 0
 
 
@@ -100,10 +112,7 @@ def cmd_tensors(args: argparse.Namespace) -> int:
     kind: KindFilter = args.kind
     with _session(args) as inspect:
         listing = inspect.tensors(model, version, kind=kind, pattern=args.pattern)
-    if args.json:
-        print(to_json(listing.to_dict()))
-        return 0
-    print(format_listing(listing, with_grad=kind == "parameters"))
+    print(render_listing(listing, kind, as_json=args.json))
     return 0
 
 
@@ -117,14 +126,8 @@ def cmd_tensor(args: argparse.Namespace) -> int:
         )
     if args.out is not None:
         np.save(args.out, values, allow_pickle=False)
-    if args.json:
-        data = {"name": args.name, "dtype": str(values.dtype), "shape": list(values.shape)}
-        print(to_json({**data, "values": values.tolist()}))
-        return 0
-    print(f"{args.name} {values.dtype}{list(values.shape)}:")
-    with np.printoptions(precision=6, threshold=1000, edgeitems=4, linewidth=100):
-        print(values)
-    if args.out is not None:
+    print(render_values(args.name, values, as_json=args.json))
+    if args.out is not None and not args.json:
         print(f"saved to {args.out}")
     return 0
 
@@ -136,8 +139,39 @@ def cmd_diff(args: argparse.Namespace) -> int:
     other_model, other_version = split_ref(args.other) if ":" in args.other else (model, args.other)
     with _session(args) as inspect:
         diff = inspect.diff(model, version, other_version, other_model=other_model)
-    print(to_json(diff.to_dict()) if args.json else format_diff(diff))
+    print(render_diff(diff, as_json=args.json))
     return 0
+
+
+# -- rendering: the client's dataclasses to text, or to JSON with `as_json` ------------------
+
+
+def render_tree(tree: ModuleTree, *, as_json: bool = False) -> str:
+    """The tree like print(model), with counts, under a header and over the totals."""
+    if as_json:
+        return to_json(tree.to_dict())
+    return f"{_header(tree.model)}\n{tree.text}\n{format_totals(tree.totals)}"
+
+
+def render_listing(listing: TensorListing, kind: KindFilter, *, as_json: bool = False) -> str:
+    """The listing of `kind` tensors (a GRAD column for parameters)."""
+    if as_json:
+        return to_json(listing.to_dict())
+    return format_listing(listing, with_grad=kind == "parameters")
+
+
+def render_values(name: str, values: np.ndarray, *, as_json: bool = False) -> str:
+    """One tensor's values under a line with its name, dtype and shape."""
+    if as_json:
+        data = {"name": name, "dtype": str(values.dtype), "shape": list(values.shape)}
+        return to_json({**data, "values": values.tolist()})
+    with np.printoptions(precision=6, threshold=1000, edgeitems=4, linewidth=100):
+        return f"{name} {values.dtype}{list(values.shape)}:\n{values}"
+
+
+def render_diff(diff: VersionDiff, *, as_json: bool = False) -> str:
+    """Per-key changes and summary counts."""
+    return to_json(diff.to_dict()) if as_json else format_diff(diff)
 
 
 def split_ref(text: str) -> tuple[str, str]:

@@ -20,6 +20,7 @@ from registry.config import RegistrySettings
 from registry.demo.seed import seed_demo
 from registry.entities import ModuleClass
 from registry.errors import InvalidInputError, RegistryError
+from registry.inspect_cli import add_inspect_command
 from registry.names import parse_version, split_ref
 
 Handler = Callable[[Registry, argparse.Namespace], int]
@@ -425,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_alias_commands(commands)
     _add_maintenance_commands(commands)
     _add_dataset_commands(commands)
+    add_inspect_command(commands)
     return parser
 
 

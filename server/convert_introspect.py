@@ -1,4 +1,4 @@
-"""Pure converters between introspection results (server.introspect) and moduleserve.v1 messages."""
+"""Pure converters between registry.introspect results and moduleserve.v1 messages."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from client.pb import moduleserve_v1_pb2 as pb
 from registry.entities import Version
 from registry.errors import InvalidInputError
-from server.introspect import (
+from registry.introspect import (
     DiffMetrics,
     Kind,
     ModuleNode,
@@ -19,6 +19,7 @@ from server.introspect import (
     TensorStats,
     TensorSummary,
     Totals,
+    tensor_bytes,
 )
 
 KIND_TO_PB: dict[TensorKind, pb.TensorKind] = {
@@ -133,15 +134,6 @@ def tensor_to_pb(
         shape=tuple(tensor.shape),
         data=tensor_bytes(tensor),
     )
-
-
-def tensor_bytes(tensor: torch.Tensor) -> bytes:
-    """Row-major element bytes of a CPU tensor, any dtype (bfloat16 and bool included)."""
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    if flat.dtype == torch.bool:
-        flat = flat.to(torch.uint8)  # one byte per element, 0 or 1, whatever the platform
-    # A uint8 view reinterprets the storage; numpy has no bfloat16 or float8 to go through.
-    return flat.view(torch.uint8).numpy().tobytes()
 
 
 def metrics_to_pb(metrics: DiffMetrics) -> pb.DiffMetrics:

@@ -11,8 +11,8 @@ from typing import Any, TypeVar
 import grpc
 
 from registry import errors as registry_errors
+from registry import introspect
 from server import errors as server_errors
-from server import introspect
 
 logger = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ from google.protobuf.message import Message
 
 from client import introspection as client_side
 from client.pb import moduleserve_v1_pb2 as pb
+from registry import introspect
 from registry.demo.models import MLP, FrozenBackboneNet, Net, TiedAutoencoder
 from registry.entities import Version
 from registry.errors import InvalidInputError
 from server import convert_introspect as convert
-from server import introspect
 from tests.helpers import REPO
 
 VERSION = Version("net", 3, "net", "0" * 64, 1, None, "upload", "", {}, {}, datetime.now(UTC))

@@ -1,4 +1,4 @@
-"""Unit tests for server.introspect: every figure is checked against torch computed directly."""
+"""Unit tests for registry.introspect: every figure is checked against torch computed directly."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from registry.demo.models import MLP, FrozenBackboneNet, MyNet, Net, TiedAutoencoder
-from server.introspect import (
+from registry.introspect import (
     DiffMetrics,
     InvalidPatternError,
     InvalidSliceError,

@@ -1,9 +1,10 @@
 """Introspection of ``nn.Module`` models: module tree, tensor statistics, values and diffs.
 
-Plain functions shared by the introspection RPCs, the admin CLI and tests; this module never
-imports grpc or the registry. Statistics are computed in float64 over fixed-size chunks, so a
-large tensor is never copied whole. NaN and Inf are counted apart, and mean, std, min, max and
-the L2 norm cover the finite values only, so one NaN does not hide everything else.
+Plain functions shared by the introspection RPCs, the admin CLI and tests: torch and the
+standard library only (``registry.inspection`` applies them to stored versions). Statistics
+are computed in float64 over fixed-size chunks, so a large tensor is never copied whole. NaN
+and Inf are counted apart, and mean, std, min, max and the L2 norm cover the finite values
+only, so one NaN does not hide everything else.
 """
 
 from __future__ import annotations
@@ -33,7 +34,11 @@ Kind = Literal["parameters", "buffers", "all"]
 TensorKind = Literal["parameter", "buffer"]
 
 
-class InvalidPatternError(ValueError):
+class IntrospectionError(Exception):
+    """Base class of the errors the plain functions raise about what was asked of them."""
+
+
+class InvalidPatternError(IntrospectionError, ValueError):
     """A tensor-name pattern that cannot be used (empty, too long, or an unclosed '[')."""
 
     def __init__(self, pattern: str, reason: str = "is empty") -> None:
@@ -42,7 +47,7 @@ class InvalidPatternError(ValueError):
         self.pattern, self.reason = pattern, reason
 
 
-class TensorNotFoundError(LookupError):
+class TensorNotFoundError(IntrospectionError, LookupError):
     """No parameter or buffer has the requested name."""
 
     def __init__(self, name: str, known: Iterable[str] = ()) -> None:
@@ -54,7 +59,7 @@ class TensorNotFoundError(LookupError):
         super().__init__(f"tensor {name!r} not found{where}")
 
 
-class TensorNotMaterializedError(ValueError):
+class TensorNotMaterializedError(IntrospectionError, ValueError):
     """The tensor lives on the ``meta`` device (or another layout) and has no readable values."""
 
     def __init__(self, name: str) -> None:
@@ -62,7 +67,7 @@ class TensorNotMaterializedError(ValueError):
         self.name = name
 
 
-class InvalidSliceError(ValueError):
+class InvalidSliceError(IntrospectionError, ValueError):
     """A slice string that does not parse or does not fit the tensor's shape."""
 
     def __init__(self, text: str, reason: str) -> None:
@@ -70,7 +75,7 @@ class InvalidSliceError(ValueError):
         self.text, self.reason = text, reason
 
 
-class TooLargeError(ValueError):
+class TooLargeError(IntrospectionError, ValueError):
     """The selected values exceed the element cap."""
 
     def __init__(self, name: str, elements: int, cap: int) -> None:
@@ -371,6 +376,15 @@ def tensor_values(
     if tensor.numel() > max_elements:
         raise TooLargeError(name, tensor.numel(), max_elements)
     return tensor.to("cpu", memory_format=torch.contiguous_format, copy=True)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """Row-major element bytes of a CPU tensor, any dtype (bfloat16 and bool included)."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)  # one byte per element, 0 or 1, whatever the platform
+    # A uint8 view reinterprets the storage; numpy has no bfloat16 or float8 to go through.
+    return flat.view(torch.uint8).numpy().tobytes()
 
 
 def parse_slices(text: str, shape: Sequence[int]) -> tuple[int | slice | EllipsisType, ...]:
