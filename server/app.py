@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
@@ -22,6 +24,7 @@ from server.metrics import EngineCollector
 from server.security import Authorizer, server_credentials
 from server.servicers.introspection import IntrospectionServicer
 from server.servicers.oip import InferenceServicer, oip_handler
+from server.workers import start_workers, stop_workers
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +37,7 @@ class App:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.device = resolve_device(settings.device)
+        torch.set_num_threads(settings.torch_threads)
         self.registry = Registry(settings)
         self.executors = DeviceExecutors()
         self.health = health.aio.HealthServicer()
@@ -152,14 +156,21 @@ class _Details(grpc.HandlerCallDetails):
         self.invocation_metadata = metadata
 
 
-async def serve(settings: ServerSettings, port_file: Path | None = None) -> None:
-    """Run until SIGINT/SIGTERM, then shut down gracefully."""
+async def serve(
+    settings: ServerSettings,
+    port_file: Path | None = None,
+    workers: int = 1,
+    argv: Sequence[str] = (),
+) -> None:
+    """Run until SIGINT/SIGTERM, then shut down gracefully (with `workers - 1` extra
+    processes sharing the port, started from `argv` once the port is known)."""
     app = App(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     port = await app.start()
+    extra = start_workers(workers - 1, argv, port) if workers > 1 else []
     if port_file is not None:
         tmp = port_file.with_suffix(".tmp")
         tmp.write_text(str(port))
@@ -170,6 +181,9 @@ async def serve(settings: ServerSettings, port_file: Path | None = None) -> None
         "shutting down: finishing in-flight requests (grace %.1fs)", settings.shutdown_grace_s
     )
     await app.stop()
+    codes = stop_workers(extra, settings.shutdown_grace_s + 30) if extra else []
+    if any(codes):
+        raise RuntimeError(f"worker processes exited with {codes}")
     logger.info("stopped")
 
 

@@ -32,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--metrics-port", type=int, help="Prometheus port (default 8002; 0 picks a free one)")
     add("--no-metrics", action="store_true", help="do not serve Prometheus metrics")
     add("--port-file", type=Path, help="write the bound gRPC port to this file once serving")
+    add(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes sharing the port via SO_REUSEPORT (default 1)",
+    )
     add("--db", help="registry database URL (default: sqlite file beside the store)")
     add("--store", type=Path, help="registry blob store folder (default ./data/store)")
     add(
@@ -43,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--device", help="auto (default), cpu, cuda or cuda:N")
     add("--dtype", choices=["float32", "float16", "bfloat16"], help="inference precision")
+    add(
+        "--torch-threads",
+        type=int,
+        help="intra-op threads of forward passes (default: half the cores)",
+    )
     add("--max-batch-size", type=int, help="rows per forward pass (default 32)")
     add(
         "--max-queue-delay-ms",
@@ -106,7 +117,11 @@ def _int_list(text: str) -> list[int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, validate, then serve until SIGINT/SIGTERM."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.workers < 1:
+        print("error: --workers must be at least 1", file=sys.stderr)
+        return 2
     try:
         settings = settings_from(args)
     except (ValidationError, ValueError) as exc:
@@ -114,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_level, settings.log_format)
     try:
-        asyncio.run(serve(settings, args.port_file))
+        asyncio.run(serve(settings, args.port_file, args.workers, argv))
     except Exception as exc:  # start-up failures: one sentence, details in the log
         print(f"error: {exc}", file=sys.stderr)
         return 1

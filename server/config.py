@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -45,6 +46,10 @@ class ServerSettings(RegistrySettings):
 
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """Floating-point precision of inference (half types only on CUDA)."""
+
+    torch_threads: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 2) // 2), gt=0)
+    """Intra-op threads of forward passes; the default leaves half the cores to gRPC, since
+    torch's spinning worker threads otherwise starve the event loop on small machines."""
 
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     """Batching defaults for every model."""

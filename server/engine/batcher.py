@@ -234,6 +234,9 @@ class DynamicBatcher:
         self._counters = _Counters()
         # Safe outside a loop since Python 3.10: an Event binds to its loop on first wait.
         self._wakeup = asyncio.Event()
+        # While a batch waits out its window, arrivals wake the worker only once enough
+        # requests queued to fill it: a wake-up per arrival costs a task switch each.
+        self._wake_at_queued = 1
         self._task: asyncio.Task[None] | None = None
         self._inflight: list[_Request] = []
         self._last_batch_requests = 0
@@ -303,7 +306,8 @@ class DynamicBatcher:
         request = _Request(level, next(self._seq), inputs, rows, signature, future, deadline, now)
         heapq.heappush(self._heap, request)
         self._counters.requests += 1
-        self._wakeup.set()
+        if len(self._heap) >= self._wake_at_queued:
+            self._wakeup.set()
         return await future
 
     def stats(self) -> BatcherStats:
@@ -349,7 +353,9 @@ class DynamicBatcher:
             loaded = loaded or len(batch) > 1
             if not self._should_wait(rows, loaded):
                 break
-            if not await self._wait_for_arrival(self._window_end(batch)):
+            if not await self._wait_for_arrival(
+                self._window_end(batch), self.max_batch_size - rows
+            ):
                 break
             if self._closing and not self._draining:
                 self._fail(batch, ModelNotReadyError(self.name, reason="was stopped"))
@@ -410,17 +416,21 @@ class DynamicBatcher:
         deadlines = [request.deadline for request in batch if request.deadline is not None]
         return min(end, *deadlines) if deadlines else end
 
-    async def _wait_for_arrival(self, until: float) -> bool:
-        """Wait for a new request (or stop) until `until`; False when the window closed."""
+    async def _wait_for_arrival(self, until: float, missing_rows: int) -> bool:
+        """Wait until about `missing_rows` more requests queued (or stop) but no later than
+        `until`; False when the window closed."""
         remaining = until - time.monotonic()
         if remaining <= 0:
             return False
         self._wakeup.clear()
+        self._wake_at_queued = max(1, missing_rows)
         try:
             async with asyncio.timeout(remaining):
                 await self._wakeup.wait()
         except TimeoutError:
             return False
+        finally:
+            self._wake_at_queued = 1
         return True
 
     def _trim_to_preferred(self, batch: list[_Request]) -> list[_Request]:

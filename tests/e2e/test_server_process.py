@@ -106,3 +106,53 @@ def test_outdated_schema_is_refused_naming_the_fix(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "run `moduleserve-registry init`" in result.stderr
+
+
+def test_workers_share_the_port_and_stop_together(demo_registry: Registry, tmp_path: Path) -> None:
+    import psutil
+
+    port_file = tmp_path / "port"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    args = [
+        sys.executable,
+        "-m",
+        "server",
+        "--db",
+        demo_registry.settings.database_url(),
+        "--store",
+        str(demo_registry.settings.store),
+        "--allow-prefix",
+        "registry.demo",
+        "--allow-prefix",
+        "tests.models",
+        "--grpc-port",
+        "0",
+        "--no-metrics",
+        "--port-file",
+        str(port_file),
+        "--workers",
+        "2",
+    ]
+    proc = subprocess.Popen(
+        args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + 90
+    while not port_file.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.05)
+    port = int(port_file.read_text())
+    [worker] = psutil.Process(proc.pid).children()
+    # The worker binds the same port once it has started (SO_REUSEPORT).
+    while not any(c.laddr.port == port for c in worker.net_connections("tcp")):
+        assert time.monotonic() < deadline and worker.is_running()
+        time.sleep(0.1)
+    answers = set()
+    for _ in range(8):  # separate connections: the kernel spreads them over both processes
+        with ModelClient(f"127.0.0.1:{port}") as client:
+            answers.add(float(client.infer("doubler", np.array([1.0], np.float32))[0]))
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    assert answers == {3.0}
+    assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
+    assert output.count("moduleserve serving on") == 2
