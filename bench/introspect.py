@@ -33,10 +33,11 @@ MIB = 1 << 20
 
 
 class PeakRss:
-    """Sample this process's RSS in a thread; ``peak - baseline`` is the increase during a block."""
+    """Sample a process's RSS (default: this one) in a thread; ``peak - baseline`` is the
+    increase during a block."""
 
-    def __init__(self, interval_s: float = 0.002) -> None:
-        self._process = psutil.Process()
+    def __init__(self, pid: int | None = None, interval_s: float = 0.002) -> None:
+        self._process = psutil.Process(pid)
         self._interval_s = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)

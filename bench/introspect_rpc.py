@@ -20,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,38 +30,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from introspect import PeakRss  # bench/introspect.py: this folder is on sys.path
+
 from client.client import ModelClient
 from client.introspection import IntrospectionClient
 
 RESULTS = Path(__file__).resolve().parent / "results" / "introspect_rpc.json"
 MIB = 1 << 20
 PREFIXES = ["tests.models"]
-
-
-class PeakRss:
-    """Sample a process's RSS in a thread; ``peak - baseline`` is the increase during a block."""
-
-    def __init__(self, pid: int, interval_s: float = 0.002) -> None:
-        self._process = psutil.Process(pid)
-        self._interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self.baseline = self.peak = 0
-
-    def __enter__(self) -> PeakRss:
-        self.baseline = self.peak = self._process.memory_info().rss
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._process.memory_info().rss)
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._process.memory_info().rss)
-            time.sleep(self._interval_s)
 
 
 def measure(pid: int, fn: Callable[[], object], repeats: int) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,9 +10,15 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import pytest
 import sqlalchemy as sa
+import torch
+from torch import nn
 
+from client.introspection import Totals
+from registry.cli import main as registry_cli
 from registry.config import RegistrySettings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,3 +132,76 @@ def server_settings(db_url: str, store: Path, **overrides: object) -> object:
     }
     values.update(overrides)
     return ServerSettings(**values)
+
+
+def assert_stats_match(stats: object, tensor: object) -> None:
+    """Every statistic of an introspection result against torch's own float64 computation
+    over the finite values (the client's and the plain functions' results alike)."""
+    import pytest
+
+    def approx(value: float) -> object:
+        return pytest.approx(value, rel=1e-9, abs=1e-12)
+
+    assert stats is not None
+    t = tensor.detach().double().reshape(-1)  # type: ignore[attr-defined]
+    finite = t[torch.isfinite(t)]
+    assert stats.finite == finite.numel()  # type: ignore[attr-defined]
+    assert stats.nan_count == int(torch.isnan(t).sum())  # type: ignore[attr-defined]
+    assert stats.inf_count == int(torch.isinf(t).sum())  # type: ignore[attr-defined]
+    assert stats.zero_fraction == approx(float((t == 0).double().mean()))  # type: ignore[attr-defined]
+    assert stats.mean == approx(float(finite.mean()))  # type: ignore[attr-defined]
+    assert stats.min == float(finite.min())  # type: ignore[attr-defined]
+    assert stats.max == float(finite.max())  # type: ignore[attr-defined]
+    assert stats.norm == approx(float(finite.norm()))  # type: ignore[attr-defined]
+    expected_std = float(finite.std()) if finite.numel() > 1 else None
+    assert stats.std == (approx(expected_std) if expected_std is not None else None)  # type: ignore[attr-defined]
+
+
+def approx(value: float) -> Any:
+    """Float64 figures agree with torch to rounding; abs covers values near zero."""
+    return pytest.approx(value, rel=1e-9, abs=1e-12)
+
+
+def randomize_batchnorm(module: nn.Module, batches: int) -> None:
+    """Give every BatchNorm non-trivial running statistics and a batch count."""
+    for sub in module.modules():
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+            assert sub.running_mean is not None and sub.running_var is not None
+            sub.running_mean.normal_()
+            sub.running_var.uniform_(0.5, 2.0)
+            sub.num_batches_tracked.fill_(batches)  # type: ignore[union-attr]  # tracked
+
+
+def expected_totals(module: nn.Module) -> Totals:
+    """Totals from parameters()/buffers(), which already count a shared tensor once."""
+    params, buffers = list(module.parameters()), list(module.buffers())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(p.numel() for p in params)
+    return Totals(
+        parameters=total,
+        trainable=trainable,
+        frozen=total - trainable,
+        parameter_bytes=sum(p.numel() * p.element_size() for p in params),
+        parameter_tensors=len(params),
+        buffer_elements=sum(b.numel() for b in buffers),
+        buffer_bytes=sum(b.numel() * b.element_size() for b in buffers),
+        buffer_tensors=len(buffers),
+    )
+
+
+class Cli:
+    """Runs `moduleserve-registry` in-process against one registry and captures its output."""
+
+    def __init__(self, db_url: str, store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        self.base = ["--db", db_url, "--store", str(store), "--allow-prefix", "registry.demo"]
+        self.capsys = capsys
+
+    def __call__(self, *args: str) -> tuple[int, str, str]:
+        code = registry_cli([*self.base, *args])
+        out, err = self.capsys.readouterr()
+        return code, out, err
+
+    def json(self, *args: str) -> object:
+        code, out, err = self("--json", *args)
+        assert code == 0, err
+        return json.loads(out)

@@ -19,23 +19,17 @@ from tests.helpers import REPO
 from tests.models import SlowNet
 
 
-def test_sigterm_finishes_in_flight_requests_and_exits_zero(
-    demo_registry: Registry, tmp_path: Path
-) -> None:
-    demo_registry.classes.register(
-        "Slow", "tests.models:SlowNet", {"delay_s": 1.0}, [parse_input_spec("x:float32:-1,2")]
-    )
-    demo_registry.push("slow", SlowNet(1.0).state_dict(), class_name="Slow")
-    port_file = tmp_path / "port"
+def start_server(registry: Registry, port_file: Path, *flags: str) -> subprocess.Popen[str]:
+    """`python -m server` on the registry, ephemeral port; returns once the port file exists."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     args = [
         sys.executable,
         "-m",
         "server",
         "--db",
-        demo_registry.settings.database_url(),
+        registry.settings.database_url(),
         "--store",
-        str(demo_registry.settings.store),
+        str(registry.settings.store),
         "--allow-prefix",
         "registry.demo",
         "--allow-prefix",
@@ -45,8 +39,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_zero(
         "--no-metrics",
         "--port-file",
         str(port_file),
-        "--preload",
-        "slow",
+        *flags,
     ]
     proc = subprocess.Popen(
         args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -55,6 +48,18 @@ def test_sigterm_finishes_in_flight_requests_and_exits_zero(
     while not port_file.exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
         time.sleep(0.05)
+    return proc
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_zero(
+    demo_registry: Registry, tmp_path: Path
+) -> None:
+    demo_registry.classes.register(
+        "Slow", "tests.models:SlowNet", {"delay_s": 1.0}, [parse_input_spec("x:float32:-1,2")]
+    )
+    demo_registry.push("slow", SlowNet(1.0).state_dict(), class_name="Slow")
+    port_file = tmp_path / "port"
+    proc = start_server(demo_registry, port_file, "--preload", "slow")
     target = f"127.0.0.1:{port_file.read_text()}"
     results: list[np.ndarray] = []
     with ModelClient(target) as client:
@@ -112,35 +117,9 @@ def test_workers_share_the_port_and_stop_together(demo_registry: Registry, tmp_p
     import psutil
 
     port_file = tmp_path / "port"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    args = [
-        sys.executable,
-        "-m",
-        "server",
-        "--db",
-        demo_registry.settings.database_url(),
-        "--store",
-        str(demo_registry.settings.store),
-        "--allow-prefix",
-        "registry.demo",
-        "--allow-prefix",
-        "tests.models",
-        "--grpc-port",
-        "0",
-        "--no-metrics",
-        "--port-file",
-        str(port_file),
-        "--workers",
-        "2",
-    ]
-    proc = subprocess.Popen(
-        args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    deadline = time.monotonic() + 90
-    while not port_file.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-        time.sleep(0.05)
+    proc = start_server(demo_registry, port_file, "--workers", "2")
     port = int(port_file.read_text())
+    deadline = time.monotonic() + 90
     [worker] = psutil.Process(proc.pid).children()
     # The worker binds the same port once it has started (SO_REUSEPORT).
     while not any(c.laddr.port == port for c in worker.net_connections("tcp")):

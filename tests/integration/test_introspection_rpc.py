@@ -24,14 +24,21 @@ from torch import nn
 from client.client import ModelClient
 from client.errors import InvalidArgumentError, ModuleServeError, NotFoundError
 from client.inspect_cli import add_inspect_command
-from client.introspection import IntrospectionClient, TensorStats, Totals
+from client.introspection import IntrospectionClient
 from client.pb import moduleserve_v1_pb2 as pb
 from client.pb import moduleserve_v1_pb2_grpc as pb_grpc
 from registry.api import Registry
 from registry.classes import parse_input_spec
 from registry.demo.models import MLP, FrozenBackboneNet, MyNet, Net, TiedAutoencoder
 from server.app import App
-from tests.helpers import ServerThread, server_settings
+from tests.helpers import (
+    ServerThread,
+    approx,
+    assert_stats_match,
+    expected_totals,
+    randomize_batchnorm,
+    server_settings,
+)
 
 IMAGE = "x:float32:-1,3,8,8"
 VECTOR = "x:float32:-1,8"
@@ -49,21 +56,6 @@ CLASSES = [
     ("frozen", "registry.demo.models:FrozenBackboneNet", {}, "x:float32:-1,16"),
     ("tied", "registry.demo.models:TiedAutoencoder", {}, VECTOR),
 ]
-
-
-def approx(value: float) -> Any:
-    """Float64 figures agree with torch to rounding; abs covers values near zero."""
-    return pytest.approx(value, rel=1e-9, abs=1e-12)
-
-
-def randomize_batchnorm(module: nn.Module, batches: int) -> None:
-    """Give every BatchNorm non-trivial running statistics and a batch count."""
-    for sub in module.modules():
-        if isinstance(sub, nn.modules.batchnorm._BatchNorm):
-            assert sub.running_mean is not None and sub.running_var is not None
-            sub.running_mean.normal_()
-            sub.running_var.uniform_(0.5, 2.0)
-            sub.num_batches_tracked.fill_(batches)  # type: ignore[union-attr]  # tracked
 
 
 @dataclass
@@ -150,42 +142,6 @@ def tied_names(module: nn.Module) -> dict[str, set[str]]:
     return {name: group - {name} for group in groups.values() for name in group}
 
 
-def expected_totals(module: nn.Module) -> Totals:
-    """Totals from parameters()/buffers(), which already count a shared tensor once."""
-    params, buffers = list(module.parameters()), list(module.buffers())
-    trainable = sum(p.numel() for p in params if p.requires_grad)
-    total = sum(p.numel() for p in params)
-    return Totals(
-        parameters=total,
-        trainable=trainable,
-        frozen=total - trainable,
-        parameter_bytes=sum(p.numel() * p.element_size() for p in params),
-        parameter_tensors=len(params),
-        buffer_elements=sum(b.numel() for b in buffers),
-        buffer_bytes=sum(b.numel() * b.element_size() for b in buffers),
-        buffer_tensors=len(buffers),
-    )
-
-
-def assert_stats(stats: TensorStats | None, tensor: torch.Tensor) -> None:
-    """Every statistic against torch's own float64 computation over the finite values."""
-    assert stats is not None
-    t = tensor.detach().double().reshape(-1)
-    finite = t[torch.isfinite(t)]
-    assert stats.finite == finite.numel()
-    assert stats.nan_count == int(torch.isnan(t).sum())
-    assert stats.inf_count == int(torch.isinf(t).sum())
-    assert stats.zero_fraction == approx(float((t == 0).double().mean()))
-    assert stats.mean == approx(float(finite.mean()))
-    assert stats.min == float(finite.min())
-    assert stats.max == float(finite.max())
-    assert stats.norm == approx(float(finite.norm()))
-    if finite.numel() > 1:
-        assert stats.std == approx(float(finite.std()))
-    else:
-        assert stats.std is None
-
-
 def assert_listing_matches(served: Served, model: str, version: int, kind: str = "all") -> None:
     """ListTensors of a version agrees with the pushed module in every field and figure."""
     module = served.local[(model, version)]
@@ -203,7 +159,7 @@ def assert_listing_matches(served: Served, model: str, version: int, kind: str =
         assert summary.numel == tensor.numel()
         assert summary.requires_grad == (entry_kind == "parameter" and tensor.requires_grad)
         assert set(summary.tied_to) == ties.get(summary.name, set())
-        assert_stats(summary.stats, tensor)
+        assert_stats_match(summary.stats, tensor)
     assert listing.totals == expected_totals(module)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -12,24 +11,7 @@ from safetensors.torch import save_file
 
 from registry.cli import main
 from registry.demo.models import MyNet
-
-
-class Cli:
-    """Runs the CLI against one registry and captures what it prints."""
-
-    def __init__(self, db_url: str, store: Path, capsys: pytest.CaptureFixture[str]) -> None:
-        self.base = ["--db", db_url, "--store", str(store), "--allow-prefix", "registry.demo"]
-        self.capsys = capsys
-
-    def __call__(self, *args: str) -> tuple[int, str, str]:
-        code = main([*self.base, *args])
-        out, err = self.capsys.readouterr()
-        return code, out, err
-
-    def json(self, *args: str) -> object:
-        code, out, err = self("--json", *args)
-        assert code == 0, err
-        return json.loads(out)
+from tests.helpers import Cli
 
 
 @pytest.fixture

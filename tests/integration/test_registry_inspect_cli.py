@@ -18,13 +18,13 @@ from client.introspection import TensorStats, Totals
 from registry.api import Registry
 from registry.classes import parse_input_spec
 from registry.demo.models import FrozenBackboneNet, MyNet, Net
-from tests.integration.test_introspection_rpc import (
+from tests.helpers import (
+    Cli,
     approx,
-    assert_stats,
+    assert_stats_match,
     expected_totals,
     randomize_batchnorm,
 )
-from tests.integration.test_registry_cli import Cli
 
 IMAGE = "x:float32:-1,3,8,8"
 
@@ -98,7 +98,7 @@ def test_params_and_buffers(cli: InspectCli, pushed: dict[str, nn.Module]) -> No
     assert [t["name"] for t in listing["tensors"]] == list(mynet.state_dict())
     weight = listing["tensors"][2]
     assert (weight["shape"], weight["requires_grad"]) == ([10, 576], True)
-    assert_stats(TensorStats(**weight["stats"]), mynet.fc.weight)
+    assert_stats_match(TensorStats(**weight["stats"]), mynet.fc.weight)
     code, out, _ = cli("inspect", "frozen", "params", "--pattern", "backbone.*")
     assert code == 0 and out.splitlines()[0] == "frozen:1 (frozen)"
     assert "frozen" in out.splitlines()[2] and "head.weight" not in out  # GRAD column

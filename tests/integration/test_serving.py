@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.client import ModelClient
 from client.errors import ResourceExhaustedError
+from client.pb import oip_v2_pb2 as pb
 from registry.api import Registry
 from registry.classes import parse_input_spec
 from registry.demo.models import MyNet
@@ -29,7 +30,7 @@ def start(registry: Registry, **overrides: object) -> ServerThread:
 @pytest.fixture
 def slow_registry(demo_registry: Registry) -> Registry:
     demo_registry.classes.register(
-        "Slow", "tests.models:SlowNet", {"delay_s": 0.3}, [parse_input_spec("x:float32:-1,2")]
+        "Slow", "tests.models:SlowNet", {"delay_s": 0.5}, [parse_input_spec("x:float32:-1,2")]
     )
     from tests.models import SlowNet
 
@@ -169,40 +170,40 @@ def moving_alias(demo_registry: Registry) -> Iterator[Registry]:
 def test_alias_move_is_picked_up_without_failing_a_request(
     served: ServerThread, moving_alias: Registry
 ) -> None:
-    x = np.random.default_rng(3).standard_normal((3, 8, 8)).astype(np.float32)
-    versions: list[str] = []
+    x = np.random.default_rng(3).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    request = pb.ModelInferRequest(model_name="mynet")
+    request.inputs.add(name="x", datatype="FP32", shape=x.shape)
+    request.raw_input_contents.append(x.tobytes())
+    seen: list[list[str]] = [[] for _ in range(3)]  # versions answered, per client thread
     failures: list[Exception] = []
     stop = threading.Event()
 
-    def hammer() -> None:
+    def hammer(versions: list[str]) -> None:
         with ModelClient(served.target) as client:
-            request_x = x[None]
             while not stop.is_set():
                 try:
-                    from client.pb import oip_v2_pb2 as pb
-
-                    request = pb.ModelInferRequest(model_name="mynet")
-                    request.inputs.add(name="x", datatype="FP32", shape=request_x.shape)
-                    request.raw_input_contents.append(request_x.tobytes())
                     versions.append(client.call("ModelInfer", request).model_version)
                 except Exception as exc:  # any failure at all fails the test
                     failures.append(exc)
 
-    workers = [threading.Thread(target=hammer) for _ in range(3)]
+    workers = [threading.Thread(target=hammer, args=(v,)) for v in seen]
     for worker in workers:
         worker.start()
     deadline = time.monotonic() + 30
-    while "1" not in versions and time.monotonic() < deadline:
+    while not all(seen) and time.monotonic() < deadline:
         time.sleep(0.01)
     moving_alias.checkpoints.set_alias("mynet", "production", 2)
-    while (not versions or versions[-1] != "2") and time.monotonic() < deadline:
+    while not all(v and v[-1] == "2" for v in seen) and time.monotonic() < deadline:
         time.sleep(0.02)
     time.sleep(0.2)
     stop.set()
     for worker in workers:
         worker.join(timeout=30)
     assert failures == []
-    assert versions[0] == "1" and versions[-1] == "2"
-    first_two = versions.index("2")
-    assert set(versions[first_two:]) == {"2"}  # once swapped, never back
+    for versions in seen:
+        assert versions[0] == "1" and versions[-1] == "2"
+        # Each thread's requests are sequential: once one was answered by version 2, every
+        # later one is too (the swap happens once, after the new version is warm).
+        first_two = versions.index("2")
+        assert set(versions[first_two:]) == {"2"}
     assert [m.version.version for m in served.app.cache.loaded() if m.name == "mynet"] == [2]

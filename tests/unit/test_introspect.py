@@ -28,30 +28,12 @@ from registry.introspect import (
     tensor_values,
     totals,
 )
+from tests.helpers import assert_stats_match
 
 
 def approx(value: float) -> object:
     """Float64 results agree with torch to rounding; abs covers values near zero."""
     return pytest.approx(value, rel=1e-10, abs=1e-12)
-
-
-def assert_stats_match(stats: TensorStats | None, tensor: torch.Tensor) -> None:
-    """Compare every statistic with torch's own float64 computation on the finite values."""
-    assert stats is not None
-    t = tensor.detach().double().reshape(-1)
-    finite = t[torch.isfinite(t)]
-    assert stats.finite == finite.numel()
-    assert stats.nan_count == int(torch.isnan(t).sum())
-    assert stats.inf_count == int(torch.isinf(t).sum())
-    assert stats.zero_fraction == approx(float((t == 0).double().mean()))
-    assert stats.mean == approx(float(finite.mean()))
-    assert stats.min == float(finite.min())
-    assert stats.max == float(finite.max())
-    assert stats.norm == approx(float(finite.norm()))
-    if finite.numel() > 1:
-        assert stats.std == approx(float(finite.std()))
-    else:
-        assert stats.std is None
 
 
 def stats_of(stats: TensorStats | None) -> TensorStats:
