@@ -8,7 +8,7 @@ DATA ?= data
 export MODULESERVE_DB ?= sqlite:///$(CURDIR)/$(DATA)/registry.db
 export MODULESERVE_STORE ?= $(CURDIR)/$(DATA)/store
 
-.PHONY: venv serve demo test lint format proto check-proto clean
+.PHONY: venv serve demo test lint typecheck format proto check-proto clean
 
 venv: $(STAMP)
 
@@ -34,6 +34,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# mypy --strict on registry and client, configured in pyproject.toml's [tool.mypy].
+typecheck: $(STAMP)
+	$(BIN)/mypy
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

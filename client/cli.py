@@ -7,7 +7,6 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -177,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _adder(
-    commands: Any,
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
 ) -> Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]:
     def add(
         name: str, func: Callable[[argparse.Namespace], int], text: str

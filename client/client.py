@@ -147,7 +147,7 @@ class ModelClient:
         """grpc.health.v1 status of the server ("") or of one model: SERVING, NOT_SERVING, or
         SERVICE_UNKNOWN for a model this server has not loaded since it started."""
         try:
-            reply = self._health.Check(
+            reply: health_pb2.HealthCheckResponse = self._health.Check(  # type: ignore[attr-defined]  # stub omits HealthStub.Check
                 health_pb2.HealthCheckRequest(service=service), timeout=self.timeout
             )
         except grpc.RpcError as exc:
@@ -187,7 +187,10 @@ class ModelClient:
 
     def statistics(self, model: str = "", version: str = "") -> pb.ModelStatisticsResponse:
         """Triton-style statistics of the loaded models."""
-        return self.call("ModelStatistics", pb.ModelStatisticsRequest(name=model, version=version))
+        reply: pb.ModelStatisticsResponse = self.call(
+            "ModelStatistics", pb.ModelStatisticsRequest(name=model, version=version)
+        )
+        return reply
 
     # -- inference -------------------------------------------------------------------------
 
@@ -216,7 +219,8 @@ class ModelClient:
         if priority:
             request.parameters["priority"].int64_param = priority
         reply = self.call("ModelInfer", request, timeout=timeout)
-        results = {
+        # Any: numpy arrays, or torch tensors below (torch is optional for the client).
+        results: dict[str, Any] = {
             out.name: _decode(out, data)
             for out, data in zip(reply.outputs, reply.raw_output_contents, strict=True)
         }
@@ -252,7 +256,8 @@ def _named_inputs(info: ModelInfo, inputs: Any) -> tuple[dict[str, np.ndarray], 
 
 def _to_numpy(value: Any) -> np.ndarray:
     if type(value).__module__.startswith("torch"):
-        return value.detach().cpu().numpy()
+        array: np.ndarray = value.detach().cpu().numpy()
+        return array
     return np.asarray(value)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, TypedDict
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -30,6 +30,20 @@ class _Unset:
 
 UNSET: Final = _Unset()
 """`expect=UNSET`: move the alias whatever it points at (no compare-and-set)."""
+
+
+class _VersionFields(TypedDict):
+    """The keyword arguments `add_version` hands to `_add_version` on each attempt."""
+
+    digest: str
+    size: int
+    parent: int | None
+    source: str
+    description: str
+    tags: dict[str, Any]
+    metrics: dict[str, Any]
+    alias: str | None
+    actor: str
 
 
 class Checkpoints:
@@ -60,7 +74,7 @@ class Checkpoints:
         check_name("model", model)
         if alias is not None:
             check_alias(alias)
-        fields = dict(
+        fields = _VersionFields(
             digest=digest,
             size=size,
             parent=parent,

@@ -115,13 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _command(commands: Any, name: str, func: Handler, help_text: str) -> argparse.ArgumentParser:
+def _command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    func: Handler,
+    help_text: str,
+) -> argparse.ArgumentParser:
     sub = commands.add_parser(name, help=help_text, description=help_text)
     sub.set_defaults(func=func)
     return sub
 
 
-def _add_class_commands(commands: Any) -> None:
+def _add_class_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     classes = commands.add_parser("classes", help="Module class catalog").add_subparsers(
         required=True, metavar="COMMAND"
     )
@@ -141,7 +146,7 @@ def _add_class_commands(commands: Any) -> None:
     _command(classes, "show", cmd_classes_show, "show one class").add_argument("name")
 
 
-def _add_checkpoint_commands(commands: Any) -> None:
+def _add_checkpoint_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     push = _command(commands, "push", cmd_push, "push a checkpoint as a new version")
     push.add_argument("model")
     push.add_argument("file", help=".safetensors, or .pt/.pth from torch.save(state_dict)")
@@ -167,7 +172,7 @@ def _add_checkpoint_commands(commands: Any) -> None:
     export.add_argument("file")
 
 
-def _add_alias_commands(commands: Any) -> None:
+def _add_alias_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     alias = commands.add_parser("alias", help="move, remove and audit aliases").add_subparsers(
         required=True, metavar="COMMAND"
     )
@@ -189,7 +194,9 @@ def _add_alias_commands(commands: Any) -> None:
     history.add_argument("alias", nargs="?")
 
 
-def _add_maintenance_commands(commands: Any) -> None:
+def _add_maintenance_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
     _command(commands, "verify", cmd_verify, "re-hash every blob; exit 1 on any problem")
     gc = _command(commands, "gc", cmd_gc, "remove blobs nothing refers to")
     gc.add_argument("--dry-run", action="store_true")
@@ -202,7 +209,7 @@ def _add_maintenance_commands(commands: Any) -> None:
     )
 
 
-def _add_dataset_commands(commands: Any) -> None:
+def _add_dataset_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     datasets = commands.add_parser("datasets", help="fine-tuning datasets").add_subparsers(
         required=True, metavar="COMMAND"
     )

@@ -11,7 +11,7 @@ from typing import Any
 
 from client.tables import format_table, human_bytes, to_json
 from registry.api import Registry
-from registry.checkpoints import UNSET
+from registry.checkpoints import UNSET, _Unset
 from registry.classes import parse_input_spec
 from registry.demo.seed import seed_demo
 from registry.entities import ModuleClass
@@ -115,7 +115,7 @@ def cmd_list(registry: Registry, args: argparse.Namespace) -> int:
     """List models, or one model's versions."""
     if args.model:
         versions = registry.checkpoints.list_versions(args.model)
-        rows = [
+        rows: list[tuple[object, ...]] = [
             (
                 v.version,
                 ",".join(v.aliases),
@@ -311,7 +311,7 @@ def cmd_datasets_show(registry: Registry, args: argparse.Namespace) -> int:
 # -- helpers -------------------------------------------------------------------------------
 
 
-def _expect(text: str | None) -> int | object | None:
+def _expect(text: str | None) -> int | _Unset | None:
     if text is None:
         return UNSET
     return None if text.lower() == "none" else parse_version(text)

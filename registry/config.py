@@ -27,7 +27,7 @@ class RegistrySettings(BaseSettings):
     default_alias: str = "production"
     """The alias an empty version in a request resolves to; the latest version when unset."""
 
-    busy_timeout_ms: int = Field(30_000, ge=0)
+    busy_timeout_ms: int = Field(default=30_000, ge=0)
     """How long a SQLite writer waits for the lock before the registry reports unavailable."""
 
     def database_url(self) -> str:

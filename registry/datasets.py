@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from typing import Any
 
 import sqlalchemy as sa
@@ -65,7 +66,7 @@ class Datasets:
             session.delete(row)
             return dataset
 
-    def referenced_digests(self) -> dict[str, list[str]]:
+    def referenced_digests(self) -> dict[str, builtins.list[str]]:
         """Digest → the datasets that point at it."""
         with self._db.read() as session:
             result: dict[str, list[str]] = {}

@@ -25,7 +25,8 @@ class MyNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.conv(x))
-        return self.fc(torch.flatten(x, 1))
+        out: torch.Tensor = self.fc(torch.flatten(x, 1))
+        return out
 
 
 class Block(nn.Module):
@@ -38,7 +39,8 @@ class Block(nn.Module):
         self.act = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(x)))
+        out: torch.Tensor = self.act(self.bn(self.conv(x)))
+        return out
 
 
 class Net(nn.Module):
@@ -58,7 +60,8 @@ class Net(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.block2(self.block1(x))
-        return self.head(torch.flatten(self.pool(x), 1))
+        out: torch.Tensor = self.head(torch.flatten(self.pool(x), 1))
+        return out
 
 
 class MLP(nn.Module):
@@ -89,7 +92,8 @@ class MLP(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        out: torch.Tensor = self.layers(x)
+        return out
 
 
 class FrozenBackboneNet(nn.Module):
@@ -106,7 +110,8 @@ class FrozenBackboneNet(nn.Module):
             param.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+        out: torch.Tensor = self.head(self.backbone(x))
+        return out
 
 
 class TiedAutoencoder(nn.Module):
@@ -122,7 +127,8 @@ class TiedAutoencoder(nn.Module):
         self.decoder.weight = self.encoder.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(torch.tanh(self.encoder(x)))
+        out: torch.Tensor = self.decoder(torch.tanh(self.encoder(x)))
+        return out
 
 
 class TwoInputNet(nn.Module):
@@ -134,4 +140,5 @@ class TwoInputNet(nn.Module):
         self.proj_b = nn.Linear(features, 2)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.proj_a(a) + self.proj_b(b)
+        out: torch.Tensor = self.proj_a(a) + self.proj_b(b)
+        return out
