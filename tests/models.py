@@ -62,9 +62,9 @@ class WithNonPersistentBuffer(nn.Module):
 class BrokenWarmup(nn.Module):
     """Fails every real forward pass (the meta-device check at registration passes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, features: int = 2) -> None:
         super().__init__()
-        self.linear = nn.Linear(2, 2)
+        self.linear = nn.Linear(features, features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_meta:

@@ -15,6 +15,7 @@ from torch import nn
 
 from registry.api import Registry
 from registry.entities import ModuleClass, Version
+from registry.errors import IntegrityError, RegistryUnavailableError
 from registry.formats import parse_dtype
 from server.config import BatchingSettings, ServerSettings
 from server.engine.batcher import DynamicBatcher
@@ -24,6 +25,8 @@ from server.errors import ModelLoadingError
 logger = logging.getLogger(__name__)
 
 StatusCallback = Callable[[str, bool], Awaitable[None]]
+# A version that failed to load is not retried (nor does it evict others) for this long.
+LOAD_RETRY_S = 10.0
 Key = tuple[str, int]
 
 
@@ -64,6 +67,8 @@ class ModelCache:
         self._refs: dict[tuple[str, str], int] = {}
         self._loading: dict[Key, asyncio.Task[LoadedModel]] = {}
         self._budget_lock = asyncio.Lock()
+        self._reserved = 0  # bytes promised to loads in progress
+        self._failed: dict[Key, tuple[ModelLoadingError, float]] = {}
         self._refresher: asyncio.Task[None] | None = None
 
     # -- lookups ---------------------------------------------------------------------------
@@ -106,6 +111,9 @@ class ModelCache:
         key = (version.model, version.version)
         if key in self._models:
             return self._models[key]
+        failure = self._failed.get(key)
+        if failure is not None and time.monotonic() < failure[1]:
+            raise failure[0]
         task = self._loading.get(key)
         if task is None:
             task = asyncio.get_running_loop().create_task(self._load(version))
@@ -115,15 +123,26 @@ class ModelCache:
         return await asyncio.shield(task)
 
     async def _load(self, version: Version) -> LoadedModel:
+        key = (version.model, version.version)
+        try:
+            await self._make_room(version)
+            try:
+                return await self._build_and_start(version)
+            finally:
+                self._reserved -= version.size
+        except ModelLoadingError as exc:
+            self._failed[key] = (exc, time.monotonic() + LOAD_RETRY_S)
+            raise
+
+    async def _build_and_start(self, version: Version) -> LoadedModel:
         name = version.model
-        await self._make_room(version)
         started = time.perf_counter()
         try:
             module_class = await asyncio.to_thread(self.registry.module_class_of, version)
             module = await asyncio.to_thread(self._build, version)
-        except Exception as exc:
-            if not isinstance(exc, LookupError | ValueError | RuntimeError | OSError):
-                raise
+        except (IntegrityError, RegistryUnavailableError):
+            raise  # DATA_LOSS and UNAVAILABLE say more than "failed to load"
+        except Exception as exc:  # the class no longer builds, imports, or fits its checkpoint
             raise ModelLoadingError(name, str(version.version), f"failed to load: {exc}") from exc
         batching = self.settings.batching_for(name)
         half = HALF_TYPES.get(self.settings.dtype)
@@ -157,6 +176,7 @@ class ModelCache:
             module_nbytes(module),
         )
         self._models[(name, version.version)] = loaded
+        self._failed.pop((name, version.version), None)
         logger.info(
             "loaded %s:%d on %s (%.1f MiB) in %.2fs",
             name,
@@ -207,7 +227,16 @@ class ModelCache:
                 f"{self._budget / 2**20:.0f} MiB",
             )
         async with self._budget_lock:
-            while sum(m.nbytes for m in self._models.values()) + need > self._budget:
+            # Loads in progress count too, or two concurrent loads would share the same room.
+            while (
+                sum(m.nbytes for m in self._models.values()) + self._reserved + need > self._budget
+            ):
+                if not self._models:
+                    raise ModelLoadingError(
+                        version.model,
+                        str(version.version),
+                        "does not fit the memory budget while other models are loading; retry",
+                    )
                 victim = min(self._models.values(), key=lambda m: m.last_used)
                 logger.info(
                     "evicting %s:%d to stay within the memory budget",
@@ -215,9 +244,11 @@ class ModelCache:
                     victim.version.version,
                 )
                 await self._drop(victim)
+            self._reserved += need
 
     async def unload(self, model: str) -> int:
         """Unload every version of a model; in-flight requests finish first. Returns count."""
+        await self._settle_loads(model)
         victims = [m for m in self._models.values() if m.name == model]
         for victim in victims:
             await self._drop(victim)
@@ -225,25 +256,31 @@ class ModelCache:
             del self._refs[key]
         return len(victims)
 
+    async def _settle_loads(self, model: str | None = None) -> None:
+        """Wait for loads in progress (of one model, or all), whatever their outcome, so that
+        an unload or shutdown is not undone by a load finishing right after it."""
+        pending = [t for key, t in self._loading.items() if model is None or key[0] == model]
+        for task in pending:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(task)
+
     async def _drop(self, loaded: LoadedModel) -> None:
-        self._models.pop((loaded.name, loaded.version.version), None)
+        key = (loaded.name, loaded.version.version)
+        self._models.pop(key, None)
+        # Forget refs that point here: the alias refresher must not reload an evicted model.
+        for ref in [r for r, number in self._refs.items() if (r[0], number) == key]:
+            del self._refs[ref]
         await loaded.batcher.stop(drain=True)
         device = loaded.device
         del loaded
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        await self._notify_all_names()
+        await self._notify(key[0])
 
     async def _notify(self, name: str) -> None:
         if self._on_status is not None:
             await self._on_status(name, any(m.name == name for m in self._models.values()))
-
-    async def _notify_all_names(self) -> None:
-        if self._on_status is None:
-            return
-        for name in {key[0] for key in self._refs} | {m.name for m in self._models.values()}:
-            await self._notify(name)
 
     # -- alias moves -----------------------------------------------------------------------
 
@@ -270,14 +307,14 @@ class ModelCache:
                 continue
             try:
                 version = await asyncio.to_thread(self.registry.checkpoints.resolve, model, ref)
-            except LookupError as exc:
+                if version.version == number or (model, number) not in self._models:
+                    continue
+                await self._ensure_loaded(version)
+            except Exception as exc:  # one model's trouble must not stop the others' refresh
                 logger.warning(
                     "keeping %s:%s at version %d: %s", model, ref or "default", number, exc
                 )
                 continue
-            if version.version == number:
-                continue
-            await self._ensure_loaded(version)
             self._refs[(model, ref)] = version.version
             logger.info(
                 "%s:%s moved from version %d to %d",
@@ -297,5 +334,6 @@ class ModelCache:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
+        await self._settle_loads()
         for loaded in list(self._models.values()):
             await self._drop(loaded)

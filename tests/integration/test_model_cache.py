@@ -154,3 +154,75 @@ def test_unload_waits_for_requests_in_flight(demo_registry: Registry) -> None:
         assert torch.isfinite(torch.from_numpy(result[0])).all()
     finally:
         server.stop()
+
+
+def test_one_models_alias_trouble_does_not_stop_the_others_refresh(
+    demo_registry: Registry,
+) -> None:
+    demo_registry.push("mlp", demo_registry.state_dict(demo_registry.checkpoints.resolve("mlp")))
+    server = start(demo_registry)
+    try:
+        with ModelClient(server.target) as client:
+            client.infer("mynet", np.zeros((3, 8, 8), np.float32))  # mynet:production -> 1
+            client.infer("mlp", np.zeros(784, np.float32))  # mlp:production -> 1
+            # mynet's alias disappears: its refresh fails; mlp's move must still be seen.
+            demo_registry.checkpoints.unset_alias("mynet", "production")
+            demo_registry.checkpoints.delete("mynet", 1)
+            demo_registry.checkpoints.set_alias("mlp", "production", 2)
+            server.run(server.app.cache.refresh_aliases())
+            assert "mlp:2" in loaded(server) and "mlp:1" not in loaded(server)
+            assert "mynet:1" in loaded(server)  # kept serving what it had
+    finally:
+        server.stop()
+
+
+def test_a_failed_load_is_remembered_and_evicts_nothing_again(demo_registry: Registry) -> None:
+    demo_registry.classes.register(
+        "Broken",
+        "tests.models:BrokenWarmup",
+        {"features": 64},
+        [parse_input_spec("x:float32:-1,64")],
+    )
+    from tests.models import BrokenWarmup
+
+    broken = demo_registry.push("broken", BrokenWarmup(64).state_dict(), class_name="Broken")
+    mynet = demo_registry.checkpoints.resolve("mynet")
+    # Room for mynet, but not for mynet and broken together: loading broken would evict mynet.
+    budget_mb = (mynet.size + broken.size // 2) / 2**20
+    server = start(demo_registry, memory_budget_mb=budget_mb)
+    try:
+        with ModelClient(server.target) as client:
+            with pytest.raises(UnavailableError, match="warm-up"):
+                client.load("broken")
+            client.load("mynet")
+            for _ in range(3):
+                with pytest.raises(UnavailableError, match="warm-up"):
+                    client.load("broken")  # the remembered failure, without evicting mynet
+            assert loaded(server) == ["mynet:1"]
+    finally:
+        server.stop()
+
+
+def test_unload_during_a_load_is_not_undone_when_the_load_finishes(
+    demo_registry: Registry,
+) -> None:
+    demo_registry.classes.register(
+        "Slow", "tests.models:SlowNet", {"delay_s": 0.5}, [parse_input_spec("x:float32:-1,2")]
+    )
+    from tests.models import SlowNet
+
+    demo_registry.push("slow", SlowNet(0.5).state_dict(), class_name="Slow")
+    server = start(demo_registry)
+    try:
+        with ModelClient(server.target) as client:
+            loading = threading.Thread(target=client.load, args=("slow",))
+            loading.start()
+            deadline = time.monotonic() + 10
+            while not server.app.cache.is_loading("slow", 1) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            client.unload("slow")  # returns after the warm-up (0.5 s) finished
+            loading.join(timeout=10)
+            assert loaded(server) == []
+            assert not client.ready("slow")
+    finally:
+        server.stop()
