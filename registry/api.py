@@ -222,8 +222,10 @@ class Registry:
         temps = self.blobs.stale_temp_files(min_age_s)
         freed = sum(self.blobs.path(d).stat().st_size for d in orphans)
         if not dry_run:
+            still_referenced = set(self.referenced_digests())  # a push may have committed since
             for digest in orphans:
-                self.blobs.remove(digest)
+                if digest not in still_referenced and self.blobs.age_seconds(digest) >= min_age_s:
+                    self.blobs.remove(digest)
             for temp in temps:
                 temp.unlink(missing_ok=True)
         return GcReport(tuple(orphans), freed, tuple(str(t) for t in temps), dry_run)

@@ -41,9 +41,13 @@ class BlobStore:
         digest = hashlib.sha256(data).hexdigest()
         target = self.path(digest)
         if target.is_file():
+            # Reused: make it young again so that gc's age guard protects this push too.
+            os.utime(target)
             return digest
         self._tmp.mkdir(parents=True, exist_ok=True)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.parent.is_dir():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(target.parent.parent)  # the new folder's entry must survive a crash too
         fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix=digest[:12], suffix=".part")
         try:
             with os.fdopen(fd, "wb") as handle:

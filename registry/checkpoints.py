@@ -18,6 +18,7 @@ from registry.errors import (
     ModelNotFoundError,
     VersionInUseError,
     VersionNotFoundError,
+    WriteConflictError,
 )
 from registry.names import check_alias, check_name
 from registry.orm import AliasEventRow, AliasRow, ModelRow, ModuleClassRow, VersionRow, utcnow
@@ -90,7 +91,7 @@ class Checkpoints:
         for attempt in range(3):
             try:
                 return self._add_version(model, class_name, **fields)
-            except sa.exc.IntegrityError:
+            except WriteConflictError:
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")

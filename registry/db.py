@@ -18,7 +18,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from registry.errors import RegistryUnavailableError, SchemaOutdatedError
+from registry.errors import RegistryUnavailableError, SchemaOutdatedError, WriteConflictError
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +86,15 @@ class Database:
 
 @contextlib.contextmanager
 def wrap_db_errors() -> Iterator[None]:
-    """Turn connection trouble and lock time-outs into RegistryUnavailableError."""
+    """Turn connection trouble and lock time-outs into RegistryUnavailableError, and unique or
+    foreign-key violations (a concurrent writer won a race) into WriteConflictError."""
     try:
         yield
+    except sa.exc.IntegrityError as exc:
+        raise WriteConflictError(
+            "a concurrent change to the registry conflicted with this one; nothing was "
+            "changed, retry"
+        ) from exc
     except sa.exc.OperationalError as exc:
         raise RegistryUnavailableError(
             f"the registry database is unavailable ({exc.orig})"

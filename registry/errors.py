@@ -65,6 +65,10 @@ class ConflictError(RegistryError):
     """The registry's state does not allow the operation (e.g. a compare-and-set lost)."""
 
 
+class WriteConflictError(ConflictError):
+    """A concurrent writer changed the same rows first (e.g. two first pushes of a model)."""
+
+
 class AliasConflictError(ConflictError):
     """`alias set --expect` found the alias pointing elsewhere."""
 

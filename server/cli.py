@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from server.app import serve
 from server.config import BatchingSettings, ServerSettings
+from server.engine.devices import resolve_device
 from server.logs import configure_logging
 
 BATCHING_FLAGS = ("max_batch_size", "max_queue_delay_ms", "preferred_batch_sizes", "max_queue_size")
@@ -126,6 +127,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = settings_from(args)
     except (ValidationError, ValueError) as exc:
         print(f"error: invalid settings: {_first_error(exc)}", file=sys.stderr)
+        return 2
+    try:
+        resolve_device(settings.device)  # before anything starts: a usage error, exit 2
+    except ValueError as exc:
+        print(f"error: invalid settings: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
     try:

@@ -92,6 +92,8 @@ class ServerSettings(RegistrySettings):
 
     @model_validator(mode="after")
     def _check(self) -> ServerSettings:
+        if any(not token.strip() for token in self.tokens):
+            raise ValueError("tokens must not be empty (an unset variable in --token?)")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
         if self.host not in LOOPBACK_HOSTS and not self.tokens and not self.insecure:

@@ -22,6 +22,7 @@ STATUS_FOR: dict[type[BaseException], grpc.StatusCode] = {
     registry_errors.AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
     registry_errors.InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
     registry_errors.AliasConflictError: grpc.StatusCode.ABORTED,
+    registry_errors.WriteConflictError: grpc.StatusCode.ABORTED,
     registry_errors.ConflictError: grpc.StatusCode.FAILED_PRECONDITION,
     registry_errors.StateDictMismatchError: grpc.StatusCode.FAILED_PRECONDITION,
     registry_errors.SchemaOutdatedError: grpc.StatusCode.FAILED_PRECONDITION,

@@ -15,6 +15,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -353,9 +354,9 @@ class DynamicBatcher:
             loaded = loaded or len(batch) > 1
             if not self._should_wait(rows, loaded):
                 break
-            if not await self._wait_for_arrival(
-                self._window_end(batch), self.max_batch_size - rows
-            ):
+            # The wake-up threshold counts requests: estimate them from the rows per request.
+            missing = math.ceil((self.max_batch_size - rows) * len(batch) / max(rows, 1))
+            if not await self._wait_for_arrival(self._window_end(batch), missing):
                 break
             if self._closing and not self._draining:
                 self._fail(batch, ModelNotReadyError(self.name, reason="was stopped"))
@@ -416,14 +417,14 @@ class DynamicBatcher:
         deadlines = [request.deadline for request in batch if request.deadline is not None]
         return min(end, *deadlines) if deadlines else end
 
-    async def _wait_for_arrival(self, until: float, missing_rows: int) -> bool:
-        """Wait until about `missing_rows` more requests queued (or stop) but no later than
-        `until`; False when the window closed."""
+    async def _wait_for_arrival(self, until: float, missing_requests: int) -> bool:
+        """Wait until about `missing_requests` more requests queued (or stop) but no later
+        than `until`; False when the window closed."""
         remaining = until - time.monotonic()
         if remaining <= 0:
             return False
         self._wakeup.clear()
-        self._wake_at_queued = max(1, missing_rows)
+        self._wake_at_queued = max(1, missing_requests)
         try:
             async with asyncio.timeout(remaining):
                 await self._wakeup.wait()

@@ -64,6 +64,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_zero(
     results: list[np.ndarray] = []
     with ModelClient(target) as client:
         assert client.ready("slow")  # --preload loaded it before the port file appeared
+        client.metadata("slow")  # cached: the infer below goes straight to ModelInfer
         pending = threading.Thread(
             target=lambda: results.append(client.infer("slow", np.ones(2, np.float32)))
         )

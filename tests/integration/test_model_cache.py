@@ -143,6 +143,7 @@ def test_unload_waits_for_requests_in_flight(demo_registry: Registry) -> None:
         with ModelClient(server.target) as client:
             client.load("slow")
             result: list[np.ndarray] = []
+            client.metadata("slow")  # cached: the infer below goes straight to ModelInfer
             pending = threading.Thread(
                 target=lambda: result.append(client.infer("slow", np.ones(2, np.float32)))
             )

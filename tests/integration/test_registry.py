@@ -404,3 +404,29 @@ def test_schema_tables_exist(registry: Registry) -> None:
         "datasets",
         "alembic_version",
     } <= tables
+
+
+def test_racing_first_alias_sets_give_one_winner_and_conflicts(reg: Registry) -> None:
+    import threading
+
+    from registry.errors import ConflictError
+
+    reg.push("mynet", MyNet().state_dict(), class_name="MyNet")
+    barrier = threading.Barrier(6)
+    outcomes: list[str] = []
+
+    def claim() -> None:
+        barrier.wait()
+        try:
+            reg.checkpoints.set_alias("mynet", "staging", 1, expect=None)
+            outcomes.append("won")
+        except ConflictError as exc:  # AliasConflictError, or WriteConflictError on PostgreSQL
+            outcomes.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=claim) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert outcomes.count("won") == 1 and len(outcomes) == 6, outcomes
+    assert len(reg.checkpoints.alias_history("mynet", "staging")) == 1

@@ -117,6 +117,7 @@ def test_health_and_metadata_answer_during_a_long_forward(slow_registry: Registr
     try:
         with ModelClient(server.target) as client, grpc.insecure_channel(server.target) as ch:
             client.load("slow")
+            client.metadata("slow")  # cached: the infer below goes straight to ModelInfer
             pending = threading.Thread(target=client.infer, args=("slow", np.ones(2, np.float32)))
             pending.start()
             time.sleep(0.05)  # the forward (0.3 s) is now running on the compute thread
