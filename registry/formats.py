@@ -114,9 +114,7 @@ def decode_tensors(data: bytes) -> dict[str, torch.Tensor]:
         metadata = read_metadata(data)
     except Exception as exc:  # safetensors raises its own error type for bad headers
         raise CheckpointFormatError(f"not a valid safetensors file ({exc})") from exc
-    for name, target in json.loads(metadata.get(TIES_KEY, "{}")).items():
-        tensors[name] = tensors[target]
-    return tensors
+    return _restore_ties(tensors, metadata)
 
 
 def decode_tensor_file(path: Path) -> dict[str, torch.Tensor]:
@@ -128,6 +126,13 @@ def decode_tensor_file(path: Path) -> dict[str, torch.Tensor]:
             metadata = read_metadata(struct.pack("<Q", size) + handle.read(size))
     except Exception as exc:  # safetensors raises its own error type for bad headers
         raise CheckpointFormatError(f"not a valid safetensors file ({exc})") from exc
+    return _restore_ties(tensors, metadata)
+
+
+def _restore_ties(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> dict[str, torch.Tensor]:
+    """Give every tied name the very tensor it was stored under (see `encode_tensors`)."""
     for name, target in json.loads(metadata.get(TIES_KEY, "{}")).items():
         tensors[name] = tensors[target]
     return tensors

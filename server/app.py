@@ -61,8 +61,8 @@ class App:
             ]
         )
         # Triton's wire name for existing clients, and our package's name for reflection users.
-        server.add_generic_rpc_handlers([oip_handler(self.inference)])
-        server.add_generic_rpc_handlers([_renamed(oip_handler(self.inference))])
+        handler = oip_handler(self.inference)
+        server.add_generic_rpc_handlers([handler, _renamed(handler)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         moduleserve_v1_pb2_grpc.add_IntrospectionServicer_to_server(
             IntrospectionServicer(self.registry, self.cache), server

@@ -16,6 +16,7 @@ import grpc
 from client.oip import OIP_SERVICE, oip_methods
 from client.pb import oip_v2_pb2 as pb
 from registry.api import Registry
+from registry.entities import ModuleClass, Version
 from server.convert import has_typed_contents, inputs_from_pb, outputs_to_pb
 from server.convert_meta import model_config_to_pb, model_metadata_to_pb, statistics_to_pb
 from server.engine.cache import ModelCache
@@ -86,11 +87,10 @@ class InferenceServicer:
         self, request: pb.ModelMetadataRequest, context: Context
     ) -> pb.ModelMetadataResponse:
         _require_name(request.name)
-        version = await asyncio.to_thread(
-            self.registry.checkpoints.resolve, request.name, request.version
+        _, module_class = await asyncio.to_thread(
+            self._version_and_class, request.name, request.version
         )
         model = await asyncio.to_thread(self.registry.checkpoints.get_model, request.name)
-        module_class = await asyncio.to_thread(self.registry.module_class_of, version)
         return model_metadata_to_pb(model, module_class)
 
     @map_errors
@@ -98,13 +98,17 @@ class InferenceServicer:
         self, request: pb.ModelConfigRequest, context: Context
     ) -> pb.ModelConfigResponse:
         _require_name(request.name)
-        version = await asyncio.to_thread(
-            self.registry.checkpoints.resolve, request.name, request.version
+        version, module_class = await asyncio.to_thread(
+            self._version_and_class, request.name, request.version
         )
-        module_class = await asyncio.to_thread(self.registry.module_class_of, version)
         return model_config_to_pb(
             version, module_class, self.cache.settings.batching_for(request.name)
         )
+
+    def _version_and_class(self, model: str, ref: str) -> tuple[Version, ModuleClass]:
+        """Resolve a ref and fetch its class in one worker-thread hop (both hit the database)."""
+        version = self.registry.checkpoints.resolve(model, ref)
+        return version, self.registry.module_class_of(version)
 
     @map_errors
     async def ModelInfer(

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -20,7 +18,6 @@ from registry.demo.models import MLP, FrozenBackboneNet, Net, TiedAutoencoder
 from registry.entities import Version
 from registry.errors import InvalidInputError
 from server import convert_introspect as convert
-from tests.helpers import REPO
 
 VERSION = Version("net", 3, "net", "0" * 64, 1, None, "upload", "", {}, {}, datetime.now(UTC))
 
@@ -205,15 +202,3 @@ def test_tensor_kinds() -> None:
         "encoder.weight": "parameter",
         "decoder.weight": "parameter",
     }
-
-
-def test_client_modules_stay_light() -> None:
-    code = (
-        "import sys, client.introspection, client.inspect_cli; "
-        "print(sorted(m for m in ('sqlalchemy', 'server', 'registry', 'torch') "
-        "if m in sys.modules))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
-    ).stdout
-    assert out.strip() == "[]"
