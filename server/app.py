@@ -34,12 +34,12 @@ OIP_PROTO_SERVICE = oip_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService
 class App:
     """One running server: its registry, model cache, gRPC server and metrics endpoint."""
 
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(self, settings: ServerSettings, executors: DeviceExecutors | None = None) -> None:
         self.settings = settings
         self.device = resolve_device(settings.device)
         torch.set_num_threads(settings.torch_threads)
         self.registry = Registry(settings)
-        self.executors = DeviceExecutors()
+        self.executors = executors or DeviceExecutors()
         self.health = health.aio.HealthServicer()
         self.cache = ModelCache(
             self.registry, settings, self.executors, self.device, on_status=self._model_status
