@@ -5,10 +5,7 @@ request runs at once; requests that arrive while it computes wait in the queue
 and form the next batch. Only when there is evidence of load (more than one
 request waiting, or the previous batch held more than one) does a batch wait
 for more arrivals, and never past `max_queue_delay_s` after its oldest request
-was queued. It also stops waiting once arrivals stop: a quarter of the delay with
-no new request means the burst is over (a closed loop of 8 clients never sends a
-ninth request while their 8 wait). So batches grow with load and latency stays low
-without it.
+was queued. So batches grow with load and latency stays low without it.
 """
 
 from __future__ import annotations
@@ -35,9 +32,6 @@ from server.errors import (
 )
 
 logger = logging.getLogger(__name__)
-
-QUIET_GAP = 0.25
-"""A waiting batch runs once this fraction of max_queue_delay passes with no new request."""
 
 Compute = Callable[[dict[str, torch.Tensor]], Mapping[str, torch.Tensor]]
 """A forward pass over a batch: named inputs in, named outputs out, dim 0 kept."""
@@ -424,20 +418,18 @@ class DynamicBatcher:
         return min(end, *deadlines) if deadlines else end
 
     async def _wait_for_arrival(self, until: float, missing_requests: int) -> bool:
-        """Wait until about `missing_requests` more requests queued (or stop), for at most
-        a quiet gap and never past `until`; False when the window closed or a whole quiet
-        gap passed without a new request."""
-        now = time.monotonic()
-        if until <= now:
+        """Wait until about `missing_requests` more requests queued (or stop) but no later
+        than `until`; False when the window closed."""
+        remaining = until - time.monotonic()
+        if remaining <= 0:
             return False
-        arrivals = self._counters.requests
         self._wakeup.clear()
         self._wake_at_queued = max(1, missing_requests)
         try:
-            async with asyncio.timeout(min(until - now, self.max_queue_delay_s * QUIET_GAP)):
+            async with asyncio.timeout(remaining):
                 await self._wakeup.wait()
         except TimeoutError:
-            return self._counters.requests > arrivals and time.monotonic() < until
+            return False
         finally:
             self._wake_at_queued = 1
         return True
