@@ -2,33 +2,30 @@
 
 from __future__ import annotations
 
+import functools
 import getpass
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from registry.blobs import BlobStore
 from registry.checkpoints import Checkpoints
-from registry.classes import ClassCatalog
 from registry.config import RegistrySettings
 from registry.datasets import Datasets
 from registry.db import Database, check_schema, migrate
 from registry.entities import BlobProblem, Dataset, ModuleClass, Version
 from registry.errors import InvalidInputError, ModelNotFoundError
-from registry.formats import (
-    DATASET_SUFFIXES,
-    decode_tensor_file,
-    decode_tensors,
-    describe_tensors,
-    encode_tensors,
-    read_tensor_file,
-)
-from registry.loading import check_fits, load_copying, load_into
 from registry.names import check_name
+
+# torch (and the modules built on it) loads on first use, not at import: admin commands
+# that only read the database (list, show, alias, verify, gc) then start in a fraction
+# of a second instead of the 1-2 s torch's import takes.
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from registry.classes import ClassCatalog
 
 
 @dataclass(frozen=True)
@@ -56,9 +53,15 @@ class Registry:
         self.settings = settings
         self.db = Database(settings.database_url(), settings.busy_timeout_ms)
         self.blobs = BlobStore(settings.store)
-        self.classes = ClassCatalog(self.db, settings.allowed_class_prefixes)
         self.checkpoints = Checkpoints(self.db, settings.default_alias)
         self.datasets = Datasets(self.db)
+
+    @functools.cached_property
+    def classes(self) -> ClassCatalog:
+        """Registered module classes (imports torch on first use)."""
+        from registry.classes import ClassCatalog
+
+        return ClassCatalog(self.db, self.settings.allowed_class_prefixes)
 
     def init(self) -> tuple[str | None, str]:
         """Create or migrate the schema (safe to repeat); returns (before, after) revisions."""
@@ -94,6 +97,9 @@ class Registry:
         in between leaves at most an unreferenced blob (removed by `gc`), never a row
         pointing at a missing or partial file.
         """
+        from registry.formats import encode_tensors
+        from registry.loading import check_fits
+
         module_class = self.classes.get(class_name or self._class_of(model))
         skeleton = self.classes.build(module_class, device="meta")
         check_fits(module_class.name, skeleton.state_dict(), tensors)
@@ -115,6 +121,8 @@ class Registry:
 
     def push_file(self, model: str, path: Path, **options: Any) -> Version:
         """`push` from a .safetensors or a `.pt/.pth` state_dict file (no pickle code runs)."""
+        from registry.formats import read_tensor_file
+
         check_name("model", model)
         return self.push(model, read_tensor_file(Path(path)), **options)
 
@@ -128,6 +136,8 @@ class Registry:
 
     def state_dict(self, version: Version) -> dict[str, torch.Tensor]:
         """The version's tensors, after checking the blob against its digest."""
+        from registry.formats import decode_tensor_file
+
         return decode_tensor_file(self.blobs.verified_path(version.digest))
 
     def module_class_of(self, version: Version) -> ModuleClass:
@@ -136,6 +146,8 @@ class Registry:
 
     def build_version(self, version: Version, device: str | torch.device = "cpu") -> nn.Module:
         """Build the version's class and load its verified state_dict strictly, in eval mode."""
+        from registry.loading import load_copying, load_into
+
         module_class = self.module_class_of(version)
         tensors = self.state_dict(version)
         skeleton = self.classes.build(module_class, device="meta")
@@ -163,6 +175,10 @@ class Registry:
         if suffix == ".safetensors":
             path.write_bytes(data)
         else:
+            import torch
+
+            from registry.formats import decode_tensors
+
             torch.save(decode_tensors(data), path)
         return version
 
@@ -172,6 +188,8 @@ class Registry:
         self, name: str, tensors: Mapping[str, torch.Tensor], description: str = ""
     ) -> Dataset:
         """Store named tensors (e.g. `inputs`, `targets`) as a dataset."""
+        from registry.formats import describe_tensors, encode_tensors
+
         if not tensors:
             raise InvalidInputError("a dataset needs at least one tensor")
         data = encode_tensors(tensors)
@@ -180,6 +198,8 @@ class Registry:
 
     def push_dataset_file(self, name: str, path: Path, description: str = "") -> Dataset:
         """`push_dataset` from a .safetensors, .pt or .npz file."""
+        from registry.formats import DATASET_SUFFIXES, read_tensor_file
+
         check_name("dataset", name)
         path = Path(path)
         if path.suffix.lower() not in DATASET_SUFFIXES:
@@ -188,6 +208,8 @@ class Registry:
 
     def load_dataset(self, name: str) -> dict[str, torch.Tensor]:
         """A dataset's tensors, verified against the digest."""
+        from registry.formats import decode_tensor_file
+
         return decode_tensor_file(self.blobs.verified_path(self.datasets.get(name).digest))
 
     # -- maintenance -----------------------------------------------------------------------

@@ -12,8 +12,6 @@ from typing import Any
 from client.tables import format_table, human_bytes, to_json
 from registry.api import Registry
 from registry.checkpoints import UNSET, _Unset
-from registry.classes import parse_input_spec
-from registry.demo.seed import seed_demo
 from registry.entities import ModuleClass
 from registry.errors import InvalidInputError
 from registry.names import parse_version, split_ref
@@ -43,6 +41,8 @@ def cmd_init(registry: Registry, args: argparse.Namespace) -> int:
 
 def cmd_demo(registry: Registry, args: argparse.Namespace) -> int:
     """Seed the demo models (idempotent)."""
+    from registry.demo.seed import seed_demo  # imports torch: only this command needs it
+
     pushed = seed_demo(registry)
     text = "\n".join(f"pushed {v.model}:{v.version} ({v.class_name})" for v in pushed)
     emit(args, [v.to_dict() for v in pushed], text or "demo models already present")
@@ -57,6 +57,8 @@ def cmd_classes_register(registry: Registry, args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--kwargs is not valid JSON: {exc}") from exc
     if not isinstance(kwargs, dict):
         raise InvalidInputError("--kwargs must be a JSON object, e.g. '{\"hidden\": 64}'")
+    from registry.classes import parse_input_spec  # imports torch
+
     specs = [parse_input_spec(text) for text in args.input]
     module_class = registry.classes.register(
         args.name, args.import_path, kwargs, specs, args.description

@@ -15,11 +15,13 @@ from typing import Any
 
 from client import introspection as client_side
 from client.inspect_cli import add_views, render_diff, render_listing, render_tree, render_values
-from registry import inspection, introspect
 from registry.api import Registry
 from registry.entities import Version
 from registry.errors import InvalidInputError
 from registry.names import split_ref
+
+# registry.inspection and registry.introspect import torch: they are imported inside the
+# commands, so that `moduleserve-registry` commands without weights start fast.
 
 Handler = Callable[[Registry, argparse.Namespace], int]
 
@@ -51,6 +53,8 @@ def to_client(result: Any, kinds: Mapping[str, str] | None = None, **extra: Any)
     Fields a and b become base and other; a StateDiff becomes a VersionDiff whose entries
     take their kind from `kinds`. `extra` gives the fields the result lacks (base, other).
     """
+    from registry import introspect
+
     if isinstance(result, list | tuple):
         return tuple(to_client(item, kinds) for item in result)
     if not dataclasses.is_dataclass(result) or isinstance(result, type):
@@ -70,6 +74,8 @@ def _one_sentence(func: Handler) -> Handler:
 
     @functools.wraps(func)
     def wrapper(registry: Registry, args: argparse.Namespace) -> int:
+        from registry import introspect
+
         try:
             return func(registry, args)
         except (introspect.IntrospectionError, ValueError) as exc:
@@ -89,6 +95,8 @@ def _model_version(version: Version) -> client_side.ModelVersion:
 @_one_sentence
 def cmd_tree(registry: Registry, args: argparse.Namespace) -> int:
     """Print the module tree like print(model), with counts (built on meta: no weights read)."""
+    from registry import inspection, introspect
+
     version = _resolve(registry, args)
     nodes, totals = inspection.tree(registry, version)
     text = introspect.format_tree(nodes)
@@ -101,6 +109,8 @@ def cmd_tree(registry: Registry, args: argparse.Namespace) -> int:
 @_one_sentence
 def cmd_tensors(registry: Registry, args: argparse.Namespace) -> int:
     """Print parameters or buffers with statistics, then the module's totals."""
+    from registry import inspection, introspect
+
     if args.pattern is not None:
         introspect.check_pattern(args.pattern)  # refuse before any weights are read
     version = _resolve(registry, args)
@@ -115,6 +125,8 @@ def cmd_tensors(registry: Registry, args: argparse.Namespace) -> int:
 @_one_sentence
 def cmd_tensor(registry: Registry, args: argparse.Namespace) -> int:
     """Print one tensor's values, as the client decodes them (bfloat16 widened to float32)."""
+    from registry import inspection, introspect
+
     cap = inspection.element_cap(args.max_elements or 0)
     version = _resolve(registry, args)
     tensor = inspection.values(registry, version, args.name, args.slices, cap)
@@ -127,6 +139,8 @@ def cmd_tensor(registry: Registry, args: argparse.Namespace) -> int:
 @_one_sentence
 def cmd_diff(registry: Registry, args: argparse.Namespace) -> int:
     """Print per-tensor changes of OTHER against MODEL[:VERSION] and summary counts."""
+    from registry import inspection
+
     base_ref = split_ref(args.model)
     other_ref = split_ref(args.other if ":" in args.other else f"{base_ref[0]}:{args.other}")
     base, other, diff, kinds = inspection.diff(registry, base_ref, other_ref)

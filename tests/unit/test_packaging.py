@@ -37,3 +37,26 @@ def test_torch_floor_has_a_safe_weights_only_loader() -> None:
     assert "torch>=2.10" in project["optional-dependencies"]["server"]
     major, minor = (int(p) for p in version("torch").split(".")[:2])
     assert (major, minor) >= (2, 10)
+
+
+_READ_ONLY_COMMANDS = """
+import contextlib, io, sys
+from registry.cli import main
+
+commands = [["list"], ["show", "mynet"], ["verify"], ["alias", "history", "mynet"],
+            ["gc", "--dry-run"], ["datasets", "list"]]
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    codes = [main(["--db", sys.argv[1], "--store", sys.argv[2], *c]) for c in commands]
+print(codes, "torch" in sys.modules, "mynet" in out.getvalue())
+"""
+
+
+def test_registry_commands_without_weights_do_not_import_torch(
+    demo_registry: registry.api.Registry,
+) -> None:
+    # torch's import takes 1-2 s; admin scripts calling list/show/verify should not pay it.
+    settings = demo_registry.settings
+    argv = [sys.executable, "-c", _READ_ONLY_COMMANDS, settings.database_url(), str(settings.store)]
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=REPO)
+    assert result.stdout.strip() == "[0, 0, 0, 0, 0, 0] False True", result.stderr
