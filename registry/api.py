@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import getpass
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from registry.blobs import BlobStore
 from registry.checkpoints import Checkpoints
+from registry.classes import ClassCatalog
 from registry.config import RegistrySettings
 from registry.datasets import Datasets
 from registry.db import Database, check_schema, migrate
@@ -24,8 +24,6 @@ from registry.names import check_name
 if TYPE_CHECKING:
     import torch
     from torch import nn
-
-    from registry.classes import ClassCatalog
 
 
 @dataclass(frozen=True)
@@ -53,15 +51,9 @@ class Registry:
         self.settings = settings
         self.db = Database(settings.database_url(), settings.busy_timeout_ms)
         self.blobs = BlobStore(settings.store)
+        self.classes = ClassCatalog(self.db, settings.allowed_class_prefixes)
         self.checkpoints = Checkpoints(self.db, settings.default_alias)
         self.datasets = Datasets(self.db)
-
-    @functools.cached_property
-    def classes(self) -> ClassCatalog:
-        """Registered module classes (imports torch on first use)."""
-        from registry.classes import ClassCatalog
-
-        return ClassCatalog(self.db, self.settings.allowed_class_prefixes)
 
     def init(self) -> tuple[str | None, str]:
         """Create or migrate the schema (safe to repeat); returns (before, after) revisions."""

@@ -5,11 +5,9 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-import torch
-from torch import nn
 
 from registry.db import Database
 from registry.entities import ModuleClass, TensorSpec
@@ -20,9 +18,14 @@ from registry.errors import (
     ClassNotFoundError,
     InvalidInputError,
 )
-from registry.formats import dtype_name, parse_dtype
 from registry.names import check_name
 from registry.orm import ModuleClassRow
+
+# torch is imported by the functions that build or check a class, not here: reading the
+# catalog (`classes list`, `show`) then does not pay torch's 1-2 s import.
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 def parse_input_spec(text: str) -> TensorSpec:
@@ -30,6 +33,8 @@ def parse_input_spec(text: str) -> TensorSpec:
     parts = text.split(":")
     if len(parts) != 3:
         raise InvalidInputError(f"input spec {text!r} is not name:dtype:shape (x:float32:-1,4)")
+    from registry.formats import parse_dtype
+
     name, dtype, shape_text = parts
     if not name.isidentifier():
         raise InvalidInputError(f"input spec {text!r}: {name!r} is not a Python identifier")
@@ -55,6 +60,8 @@ def check_allowed(import_path: str, allowed: Sequence[str]) -> tuple[str, str]:
 
 def import_class(import_path: str, allowed: Sequence[str]) -> type[nn.Module]:
     """Import a Module class, refusing paths outside the allowed prefixes before importing."""
+    from torch import nn
+
     module_name, qualname = check_allowed(import_path, allowed)
     try:
         target: Any = importlib.import_module(module_name)
@@ -71,6 +78,8 @@ def build_module(
     cls: type[nn.Module], kwargs: Mapping[str, Any], device: str | torch.device = "cpu"
 ) -> nn.Module:
     """Construct the class with its kwargs on `device` (`meta` allocates no memory)."""
+    import torch
+
     try:
         with torch.device(device):
             return cls(**kwargs)
@@ -80,6 +89,10 @@ def build_module(
 
 def infer_outputs(module: nn.Module, inputs: Sequence[TensorSpec]) -> tuple[TensorSpec, ...]:
     """Run a forward on the meta device to learn the output names, dtypes and shapes."""
+    import torch
+
+    from registry.formats import dtype_name, parse_dtype
+
     args = [
         torch.empty(
             [1 if d == -1 else d for d in spec.shape], dtype=parse_dtype(spec.dtype), device="meta"

@@ -12,6 +12,7 @@ from typing import Any
 from client.tables import format_table, human_bytes, to_json
 from registry.api import Registry
 from registry.checkpoints import UNSET, _Unset
+from registry.classes import parse_input_spec
 from registry.entities import ModuleClass
 from registry.errors import InvalidInputError
 from registry.names import parse_version, split_ref
@@ -57,8 +58,6 @@ def cmd_classes_register(registry: Registry, args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--kwargs is not valid JSON: {exc}") from exc
     if not isinstance(kwargs, dict):
         raise InvalidInputError("--kwargs must be a JSON object, e.g. '{\"hidden\": 64}'")
-    from registry.classes import parse_input_spec  # imports torch
-
     specs = [parse_input_spec(text) for text in args.input]
     module_class = registry.classes.register(
         args.name, args.import_path, kwargs, specs, args.description

@@ -44,7 +44,8 @@ import contextlib, io, sys
 from registry.cli import main
 
 commands = [["list"], ["show", "mynet"], ["verify"], ["alias", "history", "mynet"],
-            ["gc", "--dry-run"], ["datasets", "list"]]
+            ["gc", "--dry-run"], ["datasets", "list"], ["classes", "list"],
+            ["classes", "show", "MyNet"]]
 out = io.StringIO()
 with contextlib.redirect_stdout(out):
     codes = [main(["--db", sys.argv[1], "--store", sys.argv[2], *c]) for c in commands]
@@ -59,4 +60,4 @@ def test_registry_commands_without_weights_do_not_import_torch(
     settings = demo_registry.settings
     argv = [sys.executable, "-c", _READ_ONLY_COMMANDS, settings.database_url(), str(settings.store)]
     result = subprocess.run(argv, capture_output=True, text=True, cwd=REPO)
-    assert result.stdout.strip() == "[0, 0, 0, 0, 0, 0] False True", result.stderr
+    assert result.stdout.strip() == "[0, 0, 0, 0, 0, 0, 0, 0] False True", result.stderr
