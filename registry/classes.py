@@ -30,11 +30,11 @@ if TYPE_CHECKING:
 
 def parse_input_spec(text: str) -> TensorSpec:
     """Parse `name:dtype:shape`, e.g. `x:float32:-1,3,8,8` (-1 marks the batch dimension)."""
+    from registry.formats import parse_dtype
+
     parts = text.split(":")
     if len(parts) != 3:
         raise InvalidInputError(f"input spec {text!r} is not name:dtype:shape (x:float32:-1,4)")
-    from registry.formats import parse_dtype
-
     name, dtype, shape_text = parts
     if not name.isidentifier():
         raise InvalidInputError(f"input spec {text!r}: {name!r} is not a Python identifier")
