@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import serve as serve_bench  # noqa: E402  (bench/serve.py: the registry and the request)
 
 from client.pb import oip_v2_pb2 as pb  # noqa: E402
+from registry.classes import build_module, import_class  # noqa: E402
 from server.app import App  # noqa: E402
 from server.config import ServerSettings  # noqa: E402
 from server.engine.devices import DeviceExecutors  # noqa: E402
@@ -147,9 +148,8 @@ async def measure(
 def forward_after_gap(model: str, gaps_ms: list[float], repeats: int = 200) -> dict[str, float]:
     """Median single-sample forward time (us) after sleeping each gap, on one thread."""
     spec = serve_bench.MODELS[model]
-    module_path, class_name = spec.import_path.split(":")
-    module = getattr(__import__(module_path, fromlist=[class_name]), class_name)(**spec.kwargs)
-    module.eval()
+    cls = import_class(spec.import_path, ["registry.demo"])
+    module = build_module(cls, spec.kwargs).eval()
     x = torch.randn(spec.sample_shape)
     medians = {}
     with torch.inference_mode():
