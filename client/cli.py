@@ -13,6 +13,7 @@ import numpy as np
 from client.client import ModelClient, ModelInfo
 from client.errors import ModuleServeError
 from client.inspect_cli import add_inspect_command
+from client.jobs_cli import add_jobs_commands
 from client.tables import format_table, to_json
 
 DEFAULT_TARGET = "127.0.0.1:8001"
@@ -172,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--priority", type=int, default=0, help="1 is highest; 0 default")
     infer.add_argument("--output", help="also save the outputs to this .npz")
     add_inspect_command(commands)
+    add_jobs_commands(commands)
     return parser
 
 

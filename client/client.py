@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -24,6 +24,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from client.errors import from_rpc_error
 from client.oip import method_path, oip_methods
 from client.pb import oip_v2_pb2 as pb
+
+if TYPE_CHECKING:
+    from client.jobs import DatasetInfo, JobsClient
 
 MAX_MESSAGE_BYTES = 2**31 - 1
 CHANNEL_OPTIONS = [
@@ -111,6 +114,19 @@ class ModelClient:
     def channel(self) -> grpc.Channel:
         """The underlying channel, for other stubs on the same connection."""
         return self._channel
+
+    @property
+    def jobs(self) -> JobsClient:
+        """Fine-tuning jobs and datasets on the same channel, token and timeout."""
+        from client.jobs import JobsClient  # client.jobs imports this module
+
+        return JobsClient(self._channel, metadata=self._metadata, timeout=self.timeout)
+
+    def upload_dataset(
+        self, name: str, tensors: Mapping[str, Any], description: str = ""
+    ) -> DatasetInfo:
+        """Register named numpy arrays or torch tensors as a dataset (streamed in chunks)."""
+        return self.jobs.upload_dataset(name, tensors, description)
 
     def close(self) -> None:
         """Close the channel."""

@@ -49,6 +49,18 @@ class FailedPreconditionError(ModuleServeError):
     """The registry's state does not allow the call."""
 
 
+class AlreadyExistsError(ModuleServeError):
+    """The name, version or alias is already taken."""
+
+
+class AbortedError(ModuleServeError):
+    """A concurrent change won (e.g. an alias moved meanwhile): re-read and retry."""
+
+
+class DataLossError(ModuleServeError):
+    """Stored data is missing or corrupt (a blob failed its digest check)."""
+
+
 ERROR_FOR: dict[grpc.StatusCode, type[ModuleServeError]] = {
     grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
@@ -58,6 +70,9 @@ ERROR_FOR: dict[grpc.StatusCode, type[ModuleServeError]] = {
     grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExistsError,
+    grpc.StatusCode.ABORTED: AbortedError,
+    grpc.StatusCode.DATA_LOSS: DataLossError,
 }
 
 

@@ -16,7 +16,9 @@ from registry.datasets import Datasets
 from registry.db import Database, check_schema, migrate
 from registry.entities import BlobProblem, Dataset, ModuleClass, Version
 from registry.errors import InvalidInputError, ModelNotFoundError
-from registry.names import check_name
+from registry.jobs import Jobs
+from registry.names import check_alias, check_name
+from registry.uploads import DatasetUpload, DeclaredTensor
 
 # torch (and the modules built on it) loads on first use, not at import: admin commands
 # that only read the database (list, show, alias, verify, gc) then start in a fraction
@@ -54,6 +56,7 @@ class Registry:
         self.classes = ClassCatalog(self.db, settings.allowed_class_prefixes)
         self.checkpoints = Checkpoints(self.db, settings.default_alias)
         self.datasets = Datasets(self.db)
+        self.jobs = Jobs(self.db, self.checkpoints)
 
     def init(self) -> tuple[str | None, str]:
         """Create or migrate the schema (safe to repeat); returns (before, after) revisions."""
@@ -200,17 +203,59 @@ class Registry:
 
     def load_dataset(self, name: str) -> dict[str, torch.Tensor]:
         """A dataset's tensors, verified against the digest."""
+        return self.load_tensors(self.datasets.get(name).digest)
+
+    def load_tensors(self, digest: str) -> dict[str, torch.Tensor]:
+        """The tensors of a safetensors blob (a dataset or a job's epoch), verified."""
         from registry.formats import decode_tensor_file
 
-        return decode_tensor_file(self.blobs.verified_path(self.datasets.get(name).digest))
+        return decode_tensor_file(self.blobs.verified_path(digest))
+
+    def start_dataset_upload(
+        self, name: str, tensors: Sequence[DeclaredTensor], description: str = ""
+    ) -> DatasetUpload:
+        """A dataset that arrives in pieces (see `registry.uploads`)."""
+        max_bytes = int(self.settings.max_upload_mb * 2**20)
+        return DatasetUpload(self.blobs, self.datasets, name, tensors, description, max_bytes)
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    def promote_job(
+        self, job_id: str, epoch: int = 0, alias: str | None = None, actor: str | None = None
+    ) -> Version:
+        """Register the checkpoint a job kept at `epoch` (0: its best, else its last epoch)."""
+        if alias:
+            check_alias(alias)
+        job = self.jobs.get(job_id)
+        if epoch == 0 and job.epochs:
+            epoch = job.best_epoch or job.epochs[-1].epoch
+        kept = self.jobs.epoch(job_id, epoch)
+        self.blobs.verified_path(kept.digest)
+        metrics: dict[str, Any] = {"epoch": epoch, "train_loss": kept.train_loss}
+        if kept.val_loss is not None:
+            metrics["val_loss"] = kept.val_loss
+        return self.checkpoints.add_version(
+            job.model,
+            kept.digest,
+            kept.size,
+            self.checkpoints.get_model(job.model).class_name,
+            parent=job.base_version,
+            source=f"job {job_id} epoch {epoch}",
+            description=f"epoch {epoch} of job {job_id}",
+            tags={"dataset": job.dataset},
+            metrics={**metrics, "hyperparameters": job.spec},
+            alias=alias or None,
+            actor=actor or f"promote of job {job_id}",
+        )
 
     # -- maintenance -----------------------------------------------------------------------
 
     def referenced_digests(self) -> dict[str, list[str]]:
         """Every digest the database points at, with who points at it."""
         refs = self.checkpoints.referenced_digests()
-        for digest, names in self.datasets.referenced_digests().items():
-            refs.setdefault(digest, []).extend(names)
+        for more in (self.datasets.referenced_digests(), self.jobs.referenced_digests()):
+            for digest, names in more.items():
+                refs.setdefault(digest, []).extend(names)
         return refs
 
     def verify(self) -> list[BlobProblem]:

@@ -62,6 +62,25 @@ class BlobStore:
         _fsync_dir(target.parent)
         return digest
 
+    def writer(self) -> BlobWriter:
+        """A blob written in pieces (an upload larger than memory should hold): `write` the
+        bytes, then `commit` to store it under its digest, or `abort`."""
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        return BlobWriter(self)
+
+    def adopt(self, tmp_path: Path, digest: str) -> None:
+        """Move a finished, fsynced temporary file into place under its digest."""
+        target = self.path(digest)
+        if target.is_file():
+            os.utime(target)
+            tmp_path.unlink()
+            return
+        if not target.parent.is_dir():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(target.parent.parent)
+        os.replace(tmp_path, target)
+        _fsync_dir(target.parent)
+
     def read(self, digest: str) -> bytes:
         """Read a blob and check its bytes against the digest."""
         path = self.path(digest)
@@ -121,6 +140,38 @@ class BlobStore:
             return []
         now = time.time()
         return [p for p in self._tmp.iterdir() if now - p.stat().st_mtime >= min_age_s]
+
+
+class BlobWriter:
+    """A temporary file in the store, hashed as it is written (see `BlobStore.writer`)."""
+
+    def __init__(self, store: BlobStore) -> None:
+        self._store = store
+        fd, name = tempfile.mkstemp(dir=store.root / "tmp", prefix="upload", suffix=".part")
+        self.path = Path(name)
+        self._handle = os.fdopen(fd, "wb")
+        self._hasher = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append bytes."""
+        self._handle.write(data)
+        self._hasher.update(data)
+        self.size += len(data)
+
+    def commit(self) -> str:
+        """fsync, move into place under the digest, and return the digest."""
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+        digest = self._hasher.hexdigest()
+        self._store.adopt(self.path, digest)
+        return digest
+
+    def abort(self) -> None:
+        """Drop the temporary file."""
+        self._handle.close()
+        self.path.unlink(missing_ok=True)
 
 
 def _fsync_dir(path: Path) -> None:

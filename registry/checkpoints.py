@@ -34,7 +34,7 @@ UNSET: Final = _Unset()
 
 
 class _VersionFields(TypedDict):
-    """The keyword arguments `add_version` hands to `_add_version` on each attempt."""
+    """The keyword arguments `add_version` hands to `add_version_in` on each attempt."""
 
     digest: str
     size: int
@@ -90,14 +90,16 @@ class Checkpoints:
         # retries and finds the winner's row.
         for attempt in range(3):
             try:
-                return self._add_version(model, class_name, **fields)
+                with self._db.write() as session:
+                    return self.add_version_in(session, model, class_name, **fields)
             except WriteConflictError:
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
 
-    def _add_version(
+    def add_version_in(
         self,
+        session: Session,
         model: str,
         class_name: str,
         *,
@@ -111,34 +113,35 @@ class Checkpoints:
         alias: str | None,
         actor: str,
     ) -> Version:
-        with self._db.write() as session:
-            model_row = self._model_for_push(session, model, class_name)
-            if parent is not None:
-                _version_row(session, model_row, model, parent)
-            # One atomic statement: concurrent writers each get the next number.
-            number = session.execute(
-                sa.update(ModelRow)
-                .where(ModelRow.id == model_row.id)
-                .values(last_version=ModelRow.last_version + 1)
-                .returning(ModelRow.last_version)
-            ).scalar_one()
-            row = VersionRow(
-                model_id=model_row.id,
-                version=number,
-                digest=digest,
-                size=size,
-                parent_version=parent,
-                source=source,
-                description=description,
-                tags=tags,
-                metrics=metrics,
-                created_at=utcnow(),
-            )
-            session.add(row)
-            session.flush()
-            if alias is not None:
-                self._move_alias(session, model_row, alias, row, UNSET, actor)
-            return _version(session, model_row, row)
+        """`add_version` inside the caller's write transaction (a job's result and its state
+        change commit together)."""
+        model_row = self._model_for_push(session, model, class_name)
+        if parent is not None:
+            _version_row(session, model_row, model, parent)
+        # One atomic statement: concurrent writers each get the next number.
+        number = session.execute(
+            sa.update(ModelRow)
+            .where(ModelRow.id == model_row.id)
+            .values(last_version=ModelRow.last_version + 1)
+            .returning(ModelRow.last_version)
+        ).scalar_one()
+        row = VersionRow(
+            model_id=model_row.id,
+            version=number,
+            digest=digest,
+            size=size,
+            parent_version=parent,
+            source=source,
+            description=description,
+            tags=tags,
+            metrics=metrics,
+            created_at=utcnow(),
+        )
+        session.add(row)
+        session.flush()
+        if alias is not None:
+            self._move_alias(session, model_row, alias, row, UNSET, actor)
+        return _version(session, model_row, row)
 
     def _model_for_push(self, session: Session, model: str, class_name: str) -> ModelRow:
         class_row = session.scalar(
@@ -180,6 +183,37 @@ class Checkpoints:
         with self._db.write() as session:
             model_row = _model_row(session, model)
             return self._move_alias(session, model_row, alias, None, expect, actor)
+
+    def move_alias_in(
+        self,
+        session: Session,
+        model: str,
+        alias: str,
+        version: int,
+        *,
+        expect: int | None,
+        actor: str,
+    ) -> bool:
+        """Compare-and-set inside the caller's write transaction: move `alias` to `version`
+        only if it still points at `expect`; False, with nothing changed, otherwise."""
+        model_row = _model_row(session, model)
+        row = session.scalar(
+            sa.select(AliasRow)
+            .where(AliasRow.model_id == model_row.id, AliasRow.name == alias)
+            .with_for_update()
+        )
+        current = session.get_one(VersionRow, row.version_id).version if row else None
+        if current != expect:
+            return False
+        target = _version_row(session, model_row, model, version)
+        self._move_alias(session, model_row, alias, target, expect, actor)
+        return True
+
+    def alias_version(self, model: str, alias: str) -> int | None:
+        """The version an alias points at now, or None when it does not exist."""
+        with self._db.read() as session:
+            row = _alias_target(session, _model_row(session, model), alias)
+            return row.version if row is not None else None
 
     def _move_alias(
         self,

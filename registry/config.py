@@ -27,6 +27,9 @@ class RegistrySettings(BaseSettings):
     default_alias: str = "production"
     """The alias an empty version in a request resolves to; the latest version when unset."""
 
+    max_upload_mb: float = Field(default=4096, gt=0)
+    """Largest dataset accepted by a streamed upload."""
+
     busy_timeout_ms: int = Field(default=30_000, ge=0)
     """How long a SQLite writer waits for the lock before the registry reports unavailable."""
 

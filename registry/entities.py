@@ -110,3 +110,66 @@ class BlobProblem:
     digest: str
     problem: str
     referenced_by: tuple[str, ...]
+
+
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINISHED_JOB_STATES = frozenset({"succeeded", "failed", "cancelled"})
+
+
+@dataclass(frozen=True)
+class JobEpoch:
+    """What one epoch of a job left: losses and whether its checkpoint is kept."""
+
+    epoch: int
+    train_loss: float
+    val_loss: float | None
+    digest: str
+    size: int
+    resume_digest: str
+    finished_at: datetime
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One stored job event; `data` holds the kind's fields (state, step, loss, …)."""
+
+    job_id: str
+    seq: int
+    kind: str
+    data: dict[str, Any]
+    at: datetime
+
+
+@dataclass(frozen=True)
+class Job:
+    """A fine-tuning job as stored, with its epochs and latest progress event."""
+
+    id: str
+    model: str
+    base_version: int
+    dataset: str
+    dataset_digest: str
+    spec: dict[str, Any]
+    state: str
+    alias: str | None
+    alias_expect: int | None
+    alias_moved: bool
+    cancel_requested: bool
+    reason: str
+    attempts: int
+    worker: str
+    lease_until: datetime | None
+    result_version: int | None
+    metrics: dict[str, Any]
+    best_epoch: int
+    created_by: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    epochs: tuple[JobEpoch, ...] = ()
+    progress: JobEvent | None = None
+
+    @property
+    def finished(self) -> bool:
+        """Whether the job reached a final state."""
+        return self.state in FINISHED_JOB_STATES

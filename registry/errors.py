@@ -164,3 +164,15 @@ class SchemaOutdatedError(RegistryError):
 
 def _version_text(version: int | None) -> str:
     return "nothing" if version is None else f"version {version}"
+
+
+class JobNotFoundError(NotFoundError):
+    """No job with that id."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {job_id!r} not found")
+        self.job_id = job_id
+
+
+class JobStateError(ConflictError):
+    """The job's state does not allow the operation (e.g. cancelling a finished job)."""

@@ -135,3 +135,66 @@ class DatasetRow(Base):
     tensors: Mapped[dict[str, Any]]
     description: Mapped[str] = mapped_column(sa.Text, default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class JobRow(Base):
+    """A fine-tuning job: base version, dataset (pinned by digest), hyperparameters, state."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    model_id: Mapped[int] = mapped_column(sa.ForeignKey("models.id", ondelete="CASCADE"))
+    base_version: Mapped[int]
+    dataset: Mapped[str] = mapped_column(sa.String(128))
+    dataset_digest: Mapped[str] = mapped_column(sa.String(64), index=True)
+    spec: Mapped[dict[str, Any]]
+    alias: Mapped[str | None] = mapped_column(sa.String(64))
+    alias_expect: Mapped[int | None]
+    """The version `alias` pointed at when the job was created: the compare-and-set value."""
+    alias_moved: Mapped[bool] = mapped_column(default=False)
+    state: Mapped[str] = mapped_column(sa.String(16), index=True)
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    reason: Mapped[str] = mapped_column(sa.Text, default="")
+    attempts: Mapped[int] = mapped_column(default=0)
+    worker: Mapped[str] = mapped_column(sa.String(128), default="")
+    lease_until: Mapped[datetime | None]
+    result_version: Mapped[int | None]
+    metrics: Mapped[dict[str, Any]]
+    best_epoch: Mapped[int] = mapped_column(default=0)
+    last_seq: Mapped[int] = mapped_column(default=0)
+    """The newest event's number; only ever grows (events are numbered 1, 2, 3… per job)."""
+    created_by: Mapped[str] = mapped_column(sa.String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+
+class JobEventRow(Base):
+    """One stored job event (state change, progress, epoch end, log line), in order."""
+
+    __tablename__ = "job_events"
+    __table_args__ = (sa.UniqueConstraint("job_id", "seq"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[str] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"))
+    seq: Mapped[int]
+    kind: Mapped[str] = mapped_column(sa.String(16))
+    data: Mapped[dict[str, Any]]
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class JobEpochRow(Base):
+    """What one epoch of a job left: losses, its weights and the state to resume after it."""
+
+    __tablename__ = "job_epochs"
+    __table_args__ = (sa.UniqueConstraint("job_id", "epoch"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[str] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"))
+    epoch: Mapped[int]
+    train_loss: Mapped[float]
+    val_loss: Mapped[float | None]
+    digest: Mapped[str] = mapped_column(sa.String(64), index=True)
+    size: Mapped[int] = mapped_column(sa.BigInteger)
+    resume_digest: Mapped[str] = mapped_column(sa.String(64), index=True)
+    finished_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -20,9 +20,11 @@ from registry.api import Registry
 from server.config import ServerSettings
 from server.engine.cache import ModelCache
 from server.engine.devices import DeviceExecutors, resolve_device
+from server.jobs.supervisor import WorkerProcesses
 from server.metrics import EngineCollector
 from server.security import Authorizer, server_credentials
 from server.servicers.introspection import IntrospectionServicer
+from server.servicers.jobs import DatasetsServicer, JobsServicer
 from server.servicers.oip import InferenceServicer, oip_handler
 from server.workers import start_workers, stop_workers
 
@@ -44,7 +46,8 @@ class App:
         self.cache = ModelCache(
             self.registry, settings, self.executors, self.device, on_status=self._model_status
         )
-        self.auth = Authorizer(settings.tokens)
+        self.auth = Authorizer(settings.tokens, settings.read_tokens)
+        self.job_workers = WorkerProcesses(settings, settings.job_workers)
         self.inference = InferenceServicer(self.cache, self.registry, self.auth)
         self.server = self._build_server()
         self.port = 0
@@ -67,10 +70,19 @@ class App:
         moduleserve_v1_pb2_grpc.add_IntrospectionServicer_to_server(
             IntrospectionServicer(self.registry, self.cache), server
         )
+        moduleserve_v1_pb2_grpc.add_JobsServicer_to_server(
+            JobsServicer(self.registry, self.auth), server
+        )
+        moduleserve_v1_pb2_grpc.add_DatasetsServicer_to_server(
+            DatasetsServicer(self.registry, self.auth), server
+        )
+        services = moduleserve_v1_pb2.DESCRIPTOR.services_by_name
         names = [
             OIP_SERVICE,
             OIP_PROTO_SERVICE,
-            moduleserve_v1_pb2.DESCRIPTOR.services_by_name["Introspection"].full_name,
+            services["Introspection"].full_name,
+            services["Jobs"].full_name,
+            services["Datasets"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ]
@@ -94,6 +106,8 @@ class App:
             model, _, version = ref.partition(":")
             await self.cache.load(model, version)
         self._start_metrics()
+        if self.settings.job_workers:
+            self.job_workers.start()
         self.inference.ready = True
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(OIP_SERVICE, health_pb2.HealthCheckResponse.SERVING)
@@ -127,6 +141,7 @@ class App:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.shutdown_grace_s if grace is None else grace)
         await self.cache.close()
+        await self.job_workers.stop()
         self.executors.shutdown()
         metrics = getattr(self, "_metrics_server", None)
         if metrics is not None:

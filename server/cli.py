@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from server.app import serve
-from server.config import BatchingSettings, ServerSettings
+from server.config import BatchingSettings, ServerSettings, settings_error_text
 from server.engine.devices import resolve_device
 from server.logs import configure_logging
 
@@ -76,6 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
     add("--shutdown-grace-s", type=float, help="time in-flight requests get on SIGTERM")
     add("--token", action="append", dest="tokens", help="bearer token for mutating RPCs")
     add(
+        "--read-token",
+        action="append",
+        dest="read_tokens",
+        help="bearer token for reading jobs (default: reading needs none)",
+    )
+    add(
+        "--job-workers",
+        type=int,
+        help="fine-tuning worker processes to start (default 1; 0: none)",
+    )
+    add("--job-device", help="where jobs train: auto (default), cpu, cuda or cuda:N")
+    add("--job-torch-threads", type=int, help="torch threads of a training job (default 1)")
+    add("--job-nice", type=int, help="CPU priority decrease of job workers (default 10)")
+    add("--job-lease-s", type=float, help="lease of a running job in seconds (default 30)")
+    add(
         "--insecure",
         action="store_true",
         default=None,
@@ -126,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_from(args)
     except (ValidationError, ValueError) as exc:
-        print(f"error: invalid settings: {_first_error(exc)}", file=sys.stderr)
+        print(f"error: invalid settings: {settings_error_text(exc)}", file=sys.stderr)
         return 2
     try:
         resolve_device(settings.device)  # before anything starts: a usage error, exit 2
@@ -140,11 +155,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def _first_error(exc: Exception) -> str:
-    if isinstance(exc, ValidationError):
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        return f"{where}: {err['msg']}" if where else err["msg"]
-    return str(exc)

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from registry.config import RegistrySettings
 
@@ -29,8 +29,51 @@ class BatchingSettings(BaseModel):
     """Requests waiting per model before new ones get RESOURCE_EXHAUSTED."""
 
 
-class ServerSettings(RegistrySettings):
+class JobWorkerSettings(RegistrySettings):
+    """How fine-tuning workers run: shared by `moduleserve-worker` and the server's workers."""
+
+    job_device: str = "auto"
+    """Where jobs train: `auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`."""
+
+    job_torch_threads: int = Field(1, gt=0)
+    """Intra-op threads of training, kept apart from inference's so serving keeps its latency."""
+
+    job_nice: int = Field(10, ge=0, le=19)
+    """How much lower the worker's CPU priority is than the server's (Unix nice increment)."""
+
+    job_lease_s: float = Field(30.0, gt=0)
+    """A running job's lease; a worker renews it every few seconds, and another worker takes
+    the job once it has expired (its worker died)."""
+
+    job_poll_s: float = Field(1.0, gt=0)
+    """How often an idle worker looks for queued jobs."""
+
+    job_max_attempts: int = Field(3, ge=1)
+    """A job whose worker died this many times is failed instead of taken again."""
+
+    log_format: Literal["plain", "json"] = "plain"
+    """Log line format on stderr."""
+
+    log_level: str = "INFO"
+    """Root log level."""
+
+
+class WorkerSettings(JobWorkerSettings):
+    """Everything `moduleserve-worker` can be told (flags override environment)."""
+
+    worker_id: str = ""
+    """Name recorded on the jobs this worker runs; default host:pid."""
+
+
+class ServerSettings(JobWorkerSettings):
     """Everything `moduleserve-server` can be told (flags override environment)."""
+
+    job_workers: int = Field(1, ge=0)
+    """Fine-tuning worker processes the server starts and restarts (0: none; run
+    `moduleserve-worker` elsewhere). SQLite registries take one."""
+
+    read_tokens: list[str] = Field(default_factory=list)
+    """Bearer tokens accepted for reading jobs; empty: reading needs no token."""
 
     host: str = "127.0.0.1"
     """Address to listen on; a non-loopback one needs tokens or --insecure."""
@@ -84,15 +127,9 @@ class ServerSettings(RegistrySettings):
     tls_key: Path | None = None
     """PEM private key for tls_cert."""
 
-    log_format: Literal["plain", "json"] = "plain"
-    """Log line format on stderr."""
-
-    log_level: str = "INFO"
-    """Root log level."""
-
     @model_validator(mode="after")
     def _check(self) -> ServerSettings:
-        if any(not token.strip() for token in self.tokens):
+        if any(not token.strip() for token in [*self.tokens, *self.read_tokens]):
             raise ValueError("tokens must not be empty (an unset variable in --token?)")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
@@ -101,6 +138,11 @@ class ServerSettings(RegistrySettings):
                 f"refusing to listen on {self.host} without tokens: set MODULESERVE_TOKENS "
                 "or pass --insecure"
             )
+        if self.job_workers > 1 and self.database_url().startswith("sqlite"):
+            raise ValueError(
+                "a SQLite registry takes one job worker: use --job-workers 1, or PostgreSQL "
+                "for several"
+            )
         if self.dtype != "float32" and self.device == "cpu":
             raise ValueError(f"--dtype {self.dtype} needs a CUDA device")
         return self
@@ -108,3 +150,12 @@ class ServerSettings(RegistrySettings):
     def batching_for(self, model: str) -> BatchingSettings:
         """The batching settings of one model (its override, else the defaults)."""
         return self.model_batching.get(model, self.batching)
+
+
+def settings_error_text(exc: Exception) -> str:
+    """The first problem of invalid settings as one line (field: message)."""
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        return f"{where}: {err['msg']}" if where else err["msg"]
+    return str(exc)

@@ -14,8 +14,9 @@ from server.errors import PermissionDeniedError, UnauthenticatedError
 class Authorizer:
     """Accepts a call when no tokens are configured or its bearer token is one of them."""
 
-    def __init__(self, tokens: Sequence[str]) -> None:
+    def __init__(self, tokens: Sequence[str], read_tokens: Sequence[str] = ()) -> None:
         self._tokens = [t.encode() for t in tokens if t]
+        self._read_tokens = [t.encode() for t in read_tokens if t]
 
     @property
     def enabled(self) -> bool:
@@ -24,20 +25,28 @@ class Authorizer:
 
     def check(self, context: grpc.aio.ServicerContext) -> None:
         """Raise UnauthenticatedError / PermissionDeniedError unless the call may mutate."""
-        if not self._tokens:
-            return
-        header = ""
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization" and isinstance(value, str):
-                header = value
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise UnauthenticatedError(
-                "this call changes the server: send 'authorization: Bearer <token>' metadata"
-            )
-        # compare_digest against every token: no early exit that would leak timing.
-        if not any(hmac.compare_digest(token.encode(), known) for known in self._tokens):
-            raise PermissionDeniedError("the bearer token is not one of the server's tokens")
+        _require_token(context, self._tokens, "this call changes the server")
+
+    def check_read(self, context: grpc.aio.ServicerContext) -> None:
+        """Reads are open unless read tokens are configured; then any token (read or admin)."""
+        if self._read_tokens:
+            _require_token(context, [*self._read_tokens, *self._tokens], "reading jobs")
+
+
+def _require_token(context: grpc.aio.ServicerContext, tokens: Sequence[bytes], what: str) -> None:
+    """Raise unless the call carries one of `tokens` (nothing to check when there are none)."""
+    if not tokens:
+        return
+    header = ""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            header = value
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise UnauthenticatedError(f"{what}: send 'authorization: Bearer <token>' metadata")
+    # compare_digest against every token: no early exit that would leak timing.
+    if not any(hmac.compare_digest(token.encode(), known) for known in tokens):
+        raise PermissionDeniedError("the bearer token is not one of the server's tokens")
 
 
 def server_credentials(cert: Path, key: Path) -> grpc.ServerCredentials:

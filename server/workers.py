@@ -16,13 +16,15 @@ from collections.abc import Sequence
 
 logger = logging.getLogger(__name__)
 
-# Flags the parent handles alone; workers get a fixed port and no metrics endpoint.
+# Flags the parent handles alone; workers get a fixed port, no metrics endpoint and no
+# fine-tuning workers of their own (the parent's serve the whole registry).
 PARENT_ONLY = {
     "--workers": 1,
     "--port-file": 1,
     "--grpc-port": 1,
     "--metrics-port": 1,
     "--no-metrics": 0,
+    "--job-workers": 1,
 }
 
 
@@ -39,7 +41,7 @@ def worker_argv(argv: Sequence[str], port: int) -> list[str]:
             skip = PARENT_ONLY[name] if "=" not in arg else 0
             continue
         result.append(arg)
-    return [*result, "--grpc-port", str(port), "--no-metrics"]
+    return [*result, "--grpc-port", str(port), "--no-metrics", "--job-workers", "0"]
 
 
 def start_workers(count: int, argv: Sequence[str], port: int) -> list[subprocess.Popen[bytes]]:

@@ -85,3 +85,19 @@ def served(demo_registry: Registry) -> Iterator[ServerThread]:
     server = ServerThread(settings)
     yield server
     server.stop()
+
+
+@pytest.fixture
+def trainer(demo_registry: Registry) -> Iterator[ServerThread]:
+    """A server with one job worker process, over the demo registry (SQLite)."""
+    settings = server_settings(
+        demo_registry.settings.database_url(),
+        demo_registry.settings.store,
+        job_workers=1,
+        job_poll_s=0.1,
+        job_lease_s=3.0,
+        max_message_mb=1,
+    )
+    server = ServerThread(settings)
+    yield server
+    server.stop()

@@ -129,6 +129,7 @@ def server_settings(db_url: str, store: Path, **overrides: object) -> object:
         "metrics_port": None,
         "allowed_class_prefixes": DEMO_PREFIXES,
         "alias_refresh_s": 0.2,
+        "job_workers": 0,
     }
     values.update(overrides)
     return ServerSettings(**values)

@@ -236,3 +236,498 @@ class Introspection:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class JobsStub:
+    """---------------------------------------------------------------------------
+    Fine-tuning jobs.
+
+    A job trains a registered model version (train() mode) on a registered
+    dataset in a worker process, streams progress, and registers the result as
+    a new version whose parent is the base version and whose source is the job.
+    Hyperparameters and data are validated before the job is queued: a bad
+    field is INVALID_ARGUMENT naming it. Starting, cancelling and promoting
+    need a bearer token when tokens are configured; reading needs one only when
+    read tokens are configured. Unknown job -> NOT_FOUND; cancelling a finished
+    job or promoting an epoch without a kept checkpoint -> FAILED_PRECONDITION.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateJob = channel.unary_unary(
+                '/moduleserve.v1.Jobs/CreateJob',
+                request_serializer=client_dot_pb_dot_moduleserve__v1__pb2.CreateJobRequest.SerializeToString,
+                response_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.CreateJobResponse.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/moduleserve.v1.Jobs/GetJob',
+                request_serializer=client_dot_pb_dot_moduleserve__v1__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.GetJobResponse.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/moduleserve.v1.Jobs/ListJobs',
+                request_serializer=client_dot_pb_dot_moduleserve__v1__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+        self.WatchJob = channel.unary_stream(
+                '/moduleserve.v1.Jobs/WatchJob',
+                request_serializer=client_dot_pb_dot_moduleserve__v1__pb2.WatchJobRequest.SerializeToString,
+                response_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.JobEvent.FromString,
+                _registered_method=True)
+        self.ListJobEvents = channel.unary_unary(
+                '/moduleserve.v1.Jobs/ListJobEvents',
+                request_serializer=client_dot_pb_dot_moduleserve__v1__pb2.ListJobEventsRequest.SerializeToString,
+                response_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.ListJobEventsResponse.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/moduleserve.v1.Jobs/CancelJob',
+                request_serializer=client_dot_pb_dot_moduleserve__v1__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.CancelJobResponse.FromString,
+                _registered_method=True)
+        self.PromoteJob = channel.unary_unary(
+                '/moduleserve.v1.Jobs/PromoteJob',
+                request_serializer=client_dot_pb_dot_moduleserve__v1__pb2.PromoteJobRequest.SerializeToString,
+                response_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.PromoteJobResponse.FromString,
+                _registered_method=True)
+
+
+class JobsServicer:
+    """---------------------------------------------------------------------------
+    Fine-tuning jobs.
+
+    A job trains a registered model version (train() mode) on a registered
+    dataset in a worker process, streams progress, and registers the result as
+    a new version whose parent is the base version and whose source is the job.
+    Hyperparameters and data are validated before the job is queued: a bad
+    field is INVALID_ARGUMENT naming it. Starting, cancelling and promoting
+    need a bearer token when tokens are configured; reading needs one only when
+    read tokens are configured. Unknown job -> NOT_FOUND; cancelling a finished
+    job or promoting an epoch without a kept checkpoint -> FAILED_PRECONDITION.
+    """
+
+    def CreateJob(self, request, context):
+        """Validate and queue a job; returns it in state QUEUED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """One job with its per-epoch results and latest progress.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Jobs, newest first, optionally of one model or in some states.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchJob(self, request, context):
+        """Replays the job's stored events after after_seq, then streams new ones
+        until the job ends (so a client can disconnect and come back).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobEvents(self, request, context):
+        """The job's stored events after after_seq (at most limit), without waiting.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Ask a job to stop: a queued job is cancelled at once, a running one
+        within about two seconds; a cancelled job registers nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteJob(self, request, context):
+        """Register the checkpoint a job kept at one epoch as a new version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_JobsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreateJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateJob,
+                    request_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.CreateJobRequest.FromString,
+                    response_serializer=client_dot_pb_dot_moduleserve__v1__pb2.CreateJobResponse.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.GetJobRequest.FromString,
+                    response_serializer=client_dot_pb_dot_moduleserve__v1__pb2.GetJobResponse.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.ListJobsRequest.FromString,
+                    response_serializer=client_dot_pb_dot_moduleserve__v1__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'WatchJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJob,
+                    request_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.WatchJobRequest.FromString,
+                    response_serializer=client_dot_pb_dot_moduleserve__v1__pb2.JobEvent.SerializeToString,
+            ),
+            'ListJobEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobEvents,
+                    request_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.ListJobEventsRequest.FromString,
+                    response_serializer=client_dot_pb_dot_moduleserve__v1__pb2.ListJobEventsResponse.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.CancelJobRequest.FromString,
+                    response_serializer=client_dot_pb_dot_moduleserve__v1__pb2.CancelJobResponse.SerializeToString,
+            ),
+            'PromoteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteJob,
+                    request_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.PromoteJobRequest.FromString,
+                    response_serializer=client_dot_pb_dot_moduleserve__v1__pb2.PromoteJobResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'moduleserve.v1.Jobs', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('moduleserve.v1.Jobs', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Jobs:
+    """---------------------------------------------------------------------------
+    Fine-tuning jobs.
+
+    A job trains a registered model version (train() mode) on a registered
+    dataset in a worker process, streams progress, and registers the result as
+    a new version whose parent is the base version and whose source is the job.
+    Hyperparameters and data are validated before the job is queued: a bad
+    field is INVALID_ARGUMENT naming it. Starting, cancelling and promoting
+    need a bearer token when tokens are configured; reading needs one only when
+    read tokens are configured. Unknown job -> NOT_FOUND; cancelling a finished
+    job or promoting an epoch without a kept checkpoint -> FAILED_PRECONDITION.
+    """
+
+    @staticmethod
+    def CreateJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moduleserve.v1.Jobs/CreateJob',
+            client_dot_pb_dot_moduleserve__v1__pb2.CreateJobRequest.SerializeToString,
+            client_dot_pb_dot_moduleserve__v1__pb2.CreateJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moduleserve.v1.Jobs/GetJob',
+            client_dot_pb_dot_moduleserve__v1__pb2.GetJobRequest.SerializeToString,
+            client_dot_pb_dot_moduleserve__v1__pb2.GetJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moduleserve.v1.Jobs/ListJobs',
+            client_dot_pb_dot_moduleserve__v1__pb2.ListJobsRequest.SerializeToString,
+            client_dot_pb_dot_moduleserve__v1__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/moduleserve.v1.Jobs/WatchJob',
+            client_dot_pb_dot_moduleserve__v1__pb2.WatchJobRequest.SerializeToString,
+            client_dot_pb_dot_moduleserve__v1__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moduleserve.v1.Jobs/ListJobEvents',
+            client_dot_pb_dot_moduleserve__v1__pb2.ListJobEventsRequest.SerializeToString,
+            client_dot_pb_dot_moduleserve__v1__pb2.ListJobEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moduleserve.v1.Jobs/CancelJob',
+            client_dot_pb_dot_moduleserve__v1__pb2.CancelJobRequest.SerializeToString,
+            client_dot_pb_dot_moduleserve__v1__pb2.CancelJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moduleserve.v1.Jobs/PromoteJob',
+            client_dot_pb_dot_moduleserve__v1__pb2.PromoteJobRequest.SerializeToString,
+            client_dot_pb_dot_moduleserve__v1__pb2.PromoteJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class DatasetsStub:
+    """Registered datasets (named tensors, e.g. inputs and targets).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.UploadDataset = channel.stream_unary(
+                '/moduleserve.v1.Datasets/UploadDataset',
+                request_serializer=client_dot_pb_dot_moduleserve__v1__pb2.UploadDatasetRequest.SerializeToString,
+                response_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.UploadDatasetResponse.FromString,
+                _registered_method=True)
+        self.ListDatasets = channel.unary_unary(
+                '/moduleserve.v1.Datasets/ListDatasets',
+                request_serializer=client_dot_pb_dot_moduleserve__v1__pb2.ListDatasetsRequest.SerializeToString,
+                response_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.ListDatasetsResponse.FromString,
+                _registered_method=True)
+
+
+class DatasetsServicer:
+    """Registered datasets (named tensors, e.g. inputs and targets).
+    """
+
+    def UploadDataset(self, request_iterator, context):
+        """Client-streaming upload: the first message carries the header (name,
+        tensor names, dtypes and shapes), the following ones the tensors' raw
+        bytes in header order, in chunks of any size, so a dataset larger than
+        one message travels.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDatasets(self, request, context):
+        """Every registered dataset.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_DatasetsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'UploadDataset': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadDataset,
+                    request_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.UploadDatasetRequest.FromString,
+                    response_serializer=client_dot_pb_dot_moduleserve__v1__pb2.UploadDatasetResponse.SerializeToString,
+            ),
+            'ListDatasets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDatasets,
+                    request_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.ListDatasetsRequest.FromString,
+                    response_serializer=client_dot_pb_dot_moduleserve__v1__pb2.ListDatasetsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'moduleserve.v1.Datasets', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('moduleserve.v1.Datasets', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Datasets:
+    """Registered datasets (named tensors, e.g. inputs and targets).
+    """
+
+    @staticmethod
+    def UploadDataset(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/moduleserve.v1.Datasets/UploadDataset',
+            client_dot_pb_dot_moduleserve__v1__pb2.UploadDatasetRequest.SerializeToString,
+            client_dot_pb_dot_moduleserve__v1__pb2.UploadDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDatasets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moduleserve.v1.Datasets/ListDatasets',
+            client_dot_pb_dot_moduleserve__v1__pb2.ListDatasetsRequest.SerializeToString,
+            client_dot_pb_dot_moduleserve__v1__pb2.ListDatasetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -8,6 +8,7 @@ bind 127.0.0.1 on an ephemeral port (reported through --port-file).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -91,6 +92,42 @@ class ServerProcess:
         return code
 
 
+class WorkerProcess:
+    """A compose worker command as a process."""
+
+    def __init__(self, service: str, env: dict[str, str], workdir: Path) -> None:
+        self.log = (workdir / f"{service}.log").open("w")
+        env = {**env, "MODULESERVE_JOB_POLL_S": "0.2", "MODULESERVE_JOB_NICE": "0"}
+        self.proc = subprocess.Popen(
+            command(service), env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO
+        )
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=60)
+        self.log.close()
+        return code
+
+
+def admin_token(env: dict[str, str]) -> str:
+    """The compose stack's admin token (starting jobs and uploading data need it)."""
+    return str(json.loads(env["MODULESERVE_TOKENS"])[0])
+
+
+def fine_tune_through(client: ModelClient, jobs: int = 1) -> list[str]:
+    """Upload a small dataset, queue `jobs` one-epoch jobs on mlp, wait; the final states."""
+    rng = np.random.default_rng(0)
+    inputs = rng.standard_normal((64, 784)).astype(np.float32)
+    client.upload_dataset("toy", {"inputs": inputs, "targets": inputs[:, :10].argmax(axis=1)})
+    ids = [client.jobs.create("mlp", dataset="toy", seed=i).id for i in range(jobs)]
+    deadline = time.monotonic() + 120
+    states = [client.jobs.get(i).state for i in ids]
+    while set(states) - {"succeeded", "failed", "cancelled"} and time.monotonic() < deadline:
+        time.sleep(0.2)
+        states = [client.jobs.get(i).state for i in ids]
+    return states
+
+
 @pytest.fixture
 def data(tmp_path: Path) -> Path:
     return tmp_path / "data"
@@ -102,10 +139,12 @@ def test_sqlite_compose_stack(data: Path, tmp_path: Path) -> None:
     assert init.returncode == 0, init.stderr
     assert "pushed mynet:1" in init.stdout
     server = ServerProcess("server", environment("server", data), tmp_path)
+    worker = WorkerProcess("worker", environment("worker", data), tmp_path)
     try:
         assert server.healthcheck(env) == 0
-        with ModelClient(server.target) as client:
+        with ModelClient(server.target, token=admin_token(env)) as client:
             assert client.infer("mynet", np.zeros((3, 8, 8), np.float32)).shape == (10,)
+            assert fine_tune_through(client) == ["succeeded"]
         metrics_url = _metrics_url(tmp_path / "server.log")
         body = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
         assert 'moduleserve_requests_total{model="mynet",outcome="success",version="1"} 1.0' in body
@@ -113,6 +152,7 @@ def test_sqlite_compose_stack(data: Path, tmp_path: Path) -> None:
         assert admin.returncode == 0 and "mynet" in admin.stdout
     finally:
         assert server.stop() == 0
+        assert worker.stop() == 0
 
 
 def _metrics_url(log: Path) -> str:
@@ -137,9 +177,14 @@ def test_postgres_compose_stack_with_two_servers(data: Path, tmp_path: Path, pg_
         ServerProcess(name, environment(name, data, pg_url), tmp_path)
         for name in ("server-pg-1", "server-pg-2")
     ]
+    workers = [
+        WorkerProcess(name, environment(name, data, pg_url), tmp_path)
+        for name in ("worker-pg-1", "worker-pg-2")
+    ]
     try:
         x = np.zeros((3, 8, 8), np.float32)
-        clients = [ModelClient(s.target) for s in servers]
+        token = admin_token(environment("server-pg-1", data, pg_url))
+        clients = [ModelClient(s.target, token=token) for s in servers]
         first = [c.infer("mynet", x) for c in clients]
         np.testing.assert_array_equal(first[0], first[1])
         admin_env = environment("admin-pg", data, pg_url)
@@ -154,10 +199,13 @@ def test_postgres_compose_stack_with_two_servers(data: Path, tmp_path: Path, pg_
             versions = {_served_version(c) for c in clients}
             time.sleep(0.2)
         assert versions == {"2"}
+        # Jobs queued through one server are run by the two workers, each exactly once.
+        assert fine_tune_through(clients[1], jobs=4) == ["succeeded"] * 4
         for client in clients:
             client.close()
     finally:
         assert [s.stop() for s in servers] == [0, 0]
+        assert [w.stop() for w in workers] == [0, 0]
 
 
 def _served_version(client: ModelClient) -> str:

@@ -121,7 +121,10 @@ def test_workers_share_the_port_and_stop_together(demo_registry: Registry, tmp_p
     proc = start_server(demo_registry, port_file, "--workers", "2")
     port = int(port_file.read_text())
     deadline = time.monotonic() + 90
-    [worker] = psutil.Process(proc.pid).children()
+    children = psutil.Process(proc.pid).children()
+    # One more server process, and one fine-tuning worker (the parent's alone).
+    [job_worker] = [c for c in children if "server.jobs.worker" in c.cmdline()]
+    [worker] = [c for c in children if c is not job_worker]
     # The worker binds the same port once it has started (SO_REUSEPORT).
     while not any(c.laddr.port == port for c in worker.net_connections("tcp")):
         assert time.monotonic() < deadline and worker.is_running()
@@ -134,5 +137,22 @@ def test_workers_share_the_port_and_stop_together(demo_registry: Registry, tmp_p
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, output
     assert answers == {3.0}
-    assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
+    for child in (worker, job_worker):
+        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
     assert output.count("moduleserve serving on") == 2
+
+
+def test_a_killed_servers_job_worker_does_not_outlive_it(
+    demo_registry: Registry, tmp_path: Path
+) -> None:
+    import psutil
+
+    proc = start_server(demo_registry, tmp_path / "port")
+    [job_worker] = psutil.Process(proc.pid).children()
+    assert "server.jobs.worker" in " ".join(job_worker.cmdline())
+
+    proc.kill()  # no chance to stop its workers
+    proc.wait(timeout=30)
+
+    job_worker.wait(timeout=15)  # raises TimeoutExpired if it lives on
+    assert not job_worker.is_running()

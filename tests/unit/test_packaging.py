@@ -22,8 +22,8 @@ def test_packages_resolve_inside_the_repository() -> None:
 def test_importing_the_client_pulls_in_neither_sqlalchemy_nor_the_server() -> None:
     code = (
         "import sys, client, client.tables, client.client, client.cli, client.introspection, "
-        "client.inspect_cli; "
-        "print(sorted(m for m in ('sqlalchemy', 'server', 'registry', 'torch') "
+        "client.inspect_cli, client.jobs, client.jobs_cli, client.jobs_render; "
+        "print(sorted(m for m in ('sqlalchemy', 'server', 'registry', 'torch', 'matplotlib') "
         "if m in sys.modules))"
     )
     out = subprocess.run(

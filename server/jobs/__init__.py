@@ -1,0 +1,1 @@
+"""Fine-tuning jobs: training loop, worker, runner."""

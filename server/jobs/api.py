@@ -1,0 +1,69 @@
+"""Fine-tuning handlers the front ends call: plain functions over the registry, no gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from registry.api import Registry
+from registry.entities import Job, JobEvent
+from registry.errors import InvalidInputError
+from registry.jobspec import JobSpec
+from registry.names import check_alias
+from server.jobs.data import train_data_from
+
+WATCH_POLL_S = 0.25
+
+
+def create_job(
+    registry: Registry,
+    model: str,
+    ref: str,
+    dataset: str,
+    spec: JobSpec,
+    alias: str | None,
+    actor: str,
+) -> Job:
+    """Validate the hyperparameters against the class and the data, then queue the job.
+
+    Everything that can be known before training is checked here, so that a job with a
+    typo fails in the caller's terminal, not minutes later in a worker.
+    """
+    spec.check()
+    if alias:
+        check_alias(alias)
+    base = registry.checkpoints.resolve(model, ref)
+    module_class = registry.module_class_of(base)
+    skeleton = registry.classes.build(module_class, device="meta")
+    names = [name for name, _ in skeleton.named_parameters()]
+    frozen = set(spec.frozen_names(names))
+    if not any(p.requires_grad and n not in frozen for n, p in skeleton.named_parameters()):
+        raise InvalidInputError(
+            f"freeze: every parameter of {module_class.name} would be frozen; nothing would train"
+        )
+    stored = registry.datasets.get(dataset)
+    train_data_from(registry.load_tensors(stored.digest), module_class, spec)
+    return registry.jobs.create(
+        base, dataset, stored.digest, spec.to_dict(), alias=alias or None, created_by=actor
+    )
+
+
+async def follow_events(
+    registry: Registry, job_id: str, after_seq: int = 0, poll_s: float = WATCH_POLL_S
+) -> AsyncIterator[JobEvent]:
+    """The job's stored events after `after_seq`, then new ones as they are stored, until
+    the job has ended and its last event was given."""
+    seq = after_seq
+    while True:
+        events = await asyncio.to_thread(registry.jobs.events, job_id, seq)
+        for event in events:
+            seq = event.seq
+            yield event
+        if events:
+            continue
+        job = await asyncio.to_thread(registry.jobs.get, job_id)
+        if job.finished:
+            for event in await asyncio.to_thread(registry.jobs.events, job_id, seq):
+                yield event
+            return
+        await asyncio.sleep(poll_s)

@@ -1,0 +1,235 @@
+"""Run one claimed job: build the base module (or resume from the job's last epoch), train it
+with hooks that persist progress, epochs and checkpoints, and register the result.
+
+Blobs are stored before the rows that point at them, and the result version is registered
+in the same transaction that marks the job succeeded (`Jobs.succeed`), so a worker killed at
+any point leaves no partial version: the job is taken again once its lease expires.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from registry.api import Registry
+from registry.entities import Job, JobEpoch
+from registry.errors import RegistryError
+from registry.formats import encode_tensors
+from registry.jobs import JobResult
+from registry.jobspec import JobSpec
+from registry.loading import load_copying, load_into
+from registry.orm import utcnow
+from server.jobs.data import train_data_from
+from server.jobs.training import EpochEnd, Progress, TrainResult, fine_tune
+
+logger = logging.getLogger(__name__)
+
+
+class LeaseKeeper:
+    """Renews the job's lease from a thread and tells the training loop when to stop:
+    cancel requested, lease lost to another worker, or the worker shutting down."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        job_id: str,
+        worker: str,
+        lease_s: float,
+        shutdown: threading.Event,
+    ) -> None:
+        self._jobs, self._job_id, self._worker = registry.jobs, job_id, worker
+        self._lease_s, self._shutdown = lease_s, shutdown
+        # Cancel must stop a job within 2 s: look at least twice a second.
+        self._interval = min(0.5, lease_s / 3)
+        self._done = threading.Event()
+        self.stop_reason: str | None = None
+        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether training should stop now."""
+        return self.stop_reason is not None
+
+    def _run(self) -> None:
+        while not self._done.wait(self._interval):
+            if self._shutdown.is_set() and self.stop_reason is None:
+                self.stop_reason = "shutdown"  # the worker is stopping: hand the job back
+            try:
+                lease = self._jobs.renew(self._job_id, self._worker, self._lease_s)
+            except RegistryError as exc:  # the database is briefly unreachable: keep trying
+                logger.warning("job %s: lease renewal failed (%s)", self._job_id, exc)
+                continue
+            if not lease.held:
+                self.stop_reason = "lost"
+            elif lease.cancel_requested and self.stop_reason is None:
+                self.stop_reason = "cancel"
+
+
+class JobHooks:
+    """Training hooks that persist progress events and epoch checkpoints of one job."""
+
+    def __init__(self, registry: Registry, job: Job, worker: str, keeper: LeaseKeeper) -> None:
+        self._registry, self._job, self._worker, self._keeper = registry, job, worker, keeper
+
+    def on_progress(self, progress: Progress) -> None:
+        """Store a progress event."""
+        self._registry.jobs.add_event(self._job.id, self._worker, "progress", _fields(progress))
+
+    def on_epoch_end(self, end: EpochEnd) -> None:
+        """Store the epoch's weights and resume state as blobs, then the epoch's row."""
+        weights = encode_tensors(end.state_dict)
+        digest = self._registry.blobs.put(weights)
+        buffer = io.BytesIO()
+        torch.save(end.resume_state, buffer)
+        resume_digest = self._registry.blobs.put(buffer.getvalue())
+        epoch = JobEpoch(
+            epoch=end.epoch,
+            train_loss=end.train_loss,
+            val_loss=end.val_loss,
+            digest=digest,
+            size=len(weights),
+            resume_digest=resume_digest,
+            finished_at=utcnow(),
+        )
+        self._registry.jobs.record_epoch(self._job.id, self._worker, epoch, end.is_best)
+
+    def should_stop(self) -> bool:
+        """Cancel asked, lease lost or worker stopping."""
+        return self._keeper.stop_requested
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a run ended, for the worker's log."""
+
+    state: str
+    detail: str
+
+
+def run_job(
+    registry: Registry,
+    job: Job,
+    worker: str,
+    device: torch.device,
+    lease_s: float,
+    shutdown: threading.Event,
+) -> Outcome:
+    """Train a claimed job to its end; every failure ends the job failed with its reason."""
+    with LeaseKeeper(registry, job.id, worker, lease_s, shutdown) as keeper:
+        try:
+            result = _train(registry, job, worker, device, keeper)
+        except Exception as exc:  # user code, data or the registry: the job fails, not the worker
+            logger.warning("job %s failed: %s", job.id, exc, exc_info=True)
+            reason = _reason(exc)
+            registry.jobs.finish(job.id, worker, "failed", reason)
+            return Outcome("failed", reason)
+        return _conclude(registry, job, worker, keeper, result)
+
+
+def _train(
+    registry: Registry, job: Job, worker: str, device: torch.device, keeper: LeaseKeeper
+) -> TrainResult:
+    spec = JobSpec.from_dict(job.spec)
+    base = registry.checkpoints.resolve(job.model, job.base_version)
+    module_class = registry.module_class_of(base)
+    data = train_data_from(registry.load_tensors(job.dataset_digest), module_class, spec)
+    resume: Mapping[str, Any] | None = None
+    if job.epochs:
+        last = job.epochs[-1]
+        module = _build(registry, base.class_name, registry.load_tensors(last.digest))
+        resume = torch.load(io.BytesIO(registry.blobs.read(last.resume_digest)), weights_only=True)
+        registry.jobs.add_event(
+            job.id, worker, "log", {"message": f"resuming after epoch {last.epoch}"}
+        )
+    else:
+        module = registry.build_version(base)
+    hooks = JobHooks(registry, job, worker, keeper)
+    return fine_tune(module.to(device), data, spec, device=device, hooks=hooks, resume=resume)
+
+
+def _build(registry: Registry, class_name: str, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    module_class = registry.classes.get(class_name)
+    module = load_into(class_name, registry.classes.build(module_class, device="meta"), tensors)
+    if module is None:
+        built = registry.classes.build(module_class, device="cpu")
+        module = load_copying(class_name, built, tensors)
+    return module
+
+
+def _conclude(
+    registry: Registry, job: Job, worker: str, keeper: LeaseKeeper, result: TrainResult
+) -> Outcome:
+    if keeper.stop_reason == "lost":
+        return Outcome("lost", "another worker holds the job now; nothing was registered")
+    if keeper.stop_reason == "shutdown":
+        registry.jobs.release(job.id, worker, f"{worker} stopped; the job waits for a worker")
+        return Outcome("queued", "handed back to the queue")
+    if result.cancelled:
+        registry.jobs.finish(job.id, worker, "cancelled", "cancelled on request")
+        return Outcome("cancelled", "cancelled on request")
+    weights = encode_tensors(result.state_dict)
+    job_result = JobResult(
+        digest=registry.blobs.put(weights),
+        size=len(weights),
+        class_name=registry.checkpoints.get_model(job.model).class_name,
+        metrics=_metrics(result),
+        best_epoch=result.best_epoch,
+        description=f"fine-tuned from {job.model}:{job.base_version} on {job.dataset}",
+    )
+    version = registry.jobs.succeed(job.id, worker, job_result)
+    if version is None:
+        return Outcome("lost", "another worker holds the job now; nothing was registered")
+    return Outcome("succeeded", f"registered {version.model}:{version.version}")
+
+
+def _metrics(result: TrainResult) -> dict[str, Any]:
+    metrics: dict[str, Any] = {
+        "epochs": result.epochs_completed,
+        "steps": result.steps,
+        "stopped_early": result.stopped_early,
+    }
+    optional = {
+        "train_loss": result.train_loss,
+        "val_loss": result.val_loss,
+        "best_val_loss": result.best_val_loss,
+    }
+    metrics.update({k: v for k, v in optional.items() if v is not None})
+    if result.best_epoch:
+        metrics["best_epoch"] = result.best_epoch
+    return metrics
+
+
+def _fields(progress: Progress) -> dict[str, Any]:
+    return {
+        "epoch": progress.epoch,
+        "epochs": progress.epochs,
+        "step": progress.step,
+        "total_steps": progress.total_steps,
+        "loss": progress.loss,
+        "learning_rate": progress.learning_rate,
+        "examples_per_second": progress.examples_per_second,
+        "eta_seconds": progress.eta_seconds,
+    }
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    name = type(exc).__name__
+    if isinstance(exc, RegistryError) or name == "TrainingError":
+        return text or name
+    return f"{name}: {text}" if text else name
