@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import getpass
+import socket
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -152,7 +154,8 @@ class JobsClient:
     ) -> None:
         self._jobs = pb_grpc.JobsStub(channel)  # type: ignore[no-untyped-call]  # generated
         self._datasets = pb_grpc.DatasetsStub(channel)  # type: ignore[no-untyped-call]  # generated
-        self._metadata = tuple(metadata)
+        # Who starts or cancels a job is recorded with it (no authentication: a label).
+        self._metadata = (*tuple(metadata), ("x-moduleserve-user", _user()))
         self.timeout = timeout
 
     def create(
@@ -213,11 +216,12 @@ class JobsClient:
         reply = self._call(self._jobs.CancelJob, pb.CancelJobRequest(job_id=job_id))
         return job_from_pb(reply.job)
 
-    def promote(self, job_id: str, epoch: int = 0, alias: str = "") -> tuple[str, int]:
-        """Register the checkpoint kept at `epoch` (0: best, else last) as (model, version)."""
+    def promote(self, job_id: str, epoch: int = 0, alias: str = "") -> tuple[str, int, int]:
+        """Register the checkpoint kept at `epoch` (0: best, else last); returns (model,
+        version, the epoch taken)."""
         request = pb.PromoteJobRequest(job_id=job_id, epoch=epoch, alias=alias)
-        version = self._call(self._jobs.PromoteJob, request).version
-        return version.model, version.version
+        reply = self._call(self._jobs.PromoteJob, request)
+        return reply.version.model, reply.version.version, reply.epoch
 
     def upload_dataset(
         self,
@@ -411,3 +415,10 @@ def _state_values(states: Iterable[str]) -> list[pb.JobState]:
             raise ValueError(f"unknown job state {state!r}: use {', '.join(STATES_BY_NAME)}")
         values.append(value)
     return values
+
+
+def _user() -> str:
+    try:
+        return f"{getpass.getuser()}@{socket.gethostname()}"
+    except (KeyError, OSError):
+        return "unknown"

@@ -319,8 +319,7 @@ def cmd_jobs_logs(args: argparse.Namespace) -> int:
 def cmd_jobs_promote(args: argparse.Namespace) -> int:
     """Register the checkpoint a job kept at one epoch as a new version."""
     with _session(args) as jobs:
-        model, version = jobs.promote(args.job, epoch=args.epoch, alias=args.alias)
-        epoch = args.epoch or _default_epoch(jobs.get(args.job))
+        model, version, epoch = jobs.promote(args.job, epoch=args.epoch, alias=args.alias)
     if args.json:
         data = {"model": model, "version": version, "job": args.job, "epoch": epoch}
         print(to_json({**data, "alias": args.alias}))
@@ -328,11 +327,6 @@ def cmd_jobs_promote(args: argparse.Namespace) -> int:
     alias = f" and pointed alias {args.alias} at it" if args.alias else ""
     print(f"registered {model}:{version} from job {args.job} epoch {epoch}{alias}")
     return 0
-
-
-def _default_epoch(job: JobInfo) -> int:
-    """The epoch PromoteJob takes for 0: the best validation epoch, else the last one."""
-    return job.best_epoch or (job.epochs[-1].epoch if job.epochs else 0)
 
 
 def cmd_datasets_upload(args: argparse.Namespace) -> int:

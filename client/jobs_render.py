@@ -171,7 +171,8 @@ def format_job(job: JobInfo) -> str:
     spec = sorted((key, "default" if value == "" else value) for key, value in job.spec.items())
     lines += ["", "hyperparameters:", *_key_values(spec, indent="  ")]
     if job.metrics:
-        lines += ["", "metrics:", *_key_values(sorted(job.metrics.items()), indent="  ")]
+        metrics = [(k, f"{v:.6g}") for k, v in sorted(job.metrics.items())]
+        lines += ["", "metrics:", *_key_values(metrics, indent="  ")]
     if job.epochs:
         lines += ["", format_epochs(job)]
     return "\n".join(lines)

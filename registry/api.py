@@ -15,7 +15,7 @@ from registry.config import RegistrySettings
 from registry.datasets import Datasets
 from registry.db import Database, check_schema, migrate
 from registry.entities import BlobProblem, Dataset, ModuleClass, Version
-from registry.errors import InvalidInputError, ModelNotFoundError
+from registry.errors import InvalidInputError, JobStateError, ModelNotFoundError
 from registry.jobs import Jobs
 from registry.names import check_alias, check_name
 from registry.uploads import DatasetUpload, DeclaredTensor
@@ -141,10 +141,17 @@ class Registry:
 
     def build_version(self, version: Version, device: str | torch.device = "cpu") -> nn.Module:
         """Build the version's class and load its verified state_dict strictly, in eval mode."""
+        return self.build_with(self.module_class_of(version), self.state_dict(version), device)
+
+    def build_with(
+        self,
+        module_class: ModuleClass,
+        tensors: Mapping[str, torch.Tensor],
+        device: str | torch.device = "cpu",
+    ) -> nn.Module:
+        """Build a class and load `tensors` strictly (adopting them: one copy), in eval mode."""
         from registry.loading import load_copying, load_into
 
-        module_class = self.module_class_of(version)
-        tensors = self.state_dict(version)
         skeleton = self.classes.build(module_class, device="meta")
         module = load_into(module_class.name, skeleton, tensors)
         if module is None:
@@ -205,11 +212,13 @@ class Registry:
         """A dataset's tensors, verified against the digest."""
         return self.load_tensors(self.datasets.get(name).digest)
 
-    def load_tensors(self, digest: str) -> dict[str, torch.Tensor]:
-        """The tensors of a safetensors blob (a dataset or a job's epoch), verified."""
+    def load_tensors(self, digest: str, *, verify: bool = True) -> dict[str, torch.Tensor]:
+        """The tensors of a safetensors blob (a dataset or a job's epoch), memory-mapped;
+        `verify` re-hashes the blob first (skip it only where nothing is trained or served)."""
         from registry.formats import decode_tensor_file
 
-        return decode_tensor_file(self.blobs.verified_path(digest))
+        path = self.blobs.verified_path(digest) if verify else self.blobs.path(digest)
+        return decode_tensor_file(path)
 
     def start_dataset_upload(
         self, name: str, tensors: Sequence[DeclaredTensor], description: str = ""
@@ -222,19 +231,22 @@ class Registry:
 
     def promote_job(
         self, job_id: str, epoch: int = 0, alias: str | None = None, actor: str | None = None
-    ) -> Version:
-        """Register the checkpoint a job kept at `epoch` (0: its best, else its last epoch)."""
+    ) -> tuple[Version, int]:
+        """Register the checkpoint a job kept at `epoch` (0: its best, else its last epoch);
+        returns the new version and the epoch taken."""
         if alias:
             check_alias(alias)
         job = self.jobs.get(job_id)
-        if epoch == 0 and job.epochs:
+        if not job.epochs:
+            raise JobStateError(f"job {job_id} has kept no epoch checkpoint yet")
+        if epoch == 0:
             epoch = job.best_epoch or job.epochs[-1].epoch
         kept = self.jobs.epoch(job_id, epoch)
         self.blobs.verified_path(kept.digest)
         metrics: dict[str, Any] = {"epoch": epoch, "train_loss": kept.train_loss}
         if kept.val_loss is not None:
             metrics["val_loss"] = kept.val_loss
-        return self.checkpoints.add_version(
+        version = self.checkpoints.add_version(
             job.model,
             kept.digest,
             kept.size,
@@ -247,6 +259,7 @@ class Registry:
             alias=alias or None,
             actor=actor or f"promote of job {job_id}",
         )
+        return version, epoch
 
     # -- maintenance -----------------------------------------------------------------------
 

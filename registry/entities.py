@@ -125,7 +125,8 @@ class JobEpoch:
     val_loss: float | None
     digest: str
     size: int
-    resume_digest: str
+    resume_digest: str | None
+    """Set for the newest epoch of a job that has not finished (what a resume needs)."""
     finished_at: datetime
 
 

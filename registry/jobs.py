@@ -22,7 +22,14 @@ from sqlalchemy.orm import Session
 
 from registry.checkpoints import Checkpoints
 from registry.db import Database
-from registry.entities import FINISHED_JOB_STATES, JOB_STATES, Job, JobEpoch, JobEvent, Version
+from registry.entities import (
+    FINISHED_JOB_STATES,
+    JOB_STATES,
+    Job,
+    JobEpoch,
+    JobEvent,
+    Version,
+)
 from registry.errors import InvalidInputError, JobNotFoundError, JobStateError
 from registry.orm import JobEpochRow, JobEventRow, JobRow, ModelRow, utcnow
 
@@ -89,6 +96,7 @@ class Jobs:
                 cancel_requested=False,
                 reason="",
                 attempts=0,
+                lost_leases=0,
                 worker="",
                 metrics={},
                 best_epoch=0,
@@ -155,19 +163,23 @@ class Jobs:
             )
             for digest, resume_digest, job_id in rows:
                 result.setdefault(digest, []).append(f"job {job_id} epoch")
-                result.setdefault(resume_digest, []).append(f"job {job_id} resume state")
+                if resume_digest:
+                    result.setdefault(resume_digest, []).append(f"job {job_id} resume state")
         return result
 
     # -- cancelling ------------------------------------------------------------------------
 
     def request_cancel(self, job_id: str, actor: str) -> Job:
-        """Cancel a queued job now; ask a running one's worker to stop (it checks often)."""
+        """Cancel a queued job, or one whose worker died, now; ask a running one's worker to
+        stop (it looks twice a second and registers nothing)."""
         with self._db.write() as session:
             row = _job_row(session, job_id, lock=True)
             if row.state in FINISHED_JOB_STATES:
                 raise JobStateError(f"job {job_id} already {row.state}; there is nothing to cancel")
             if row.state == "queued":
                 _set_state(session, row, "cancelled", f"cancelled by {actor} before it started")
+            elif _lease_expired(row):
+                _set_state(session, row, "cancelled", f"cancelled by {actor} (no live worker)")
             elif not row.cancel_requested:
                 row.cancel_requested = True
                 _add_event(session, row, "log", {"message": f"cancel requested by {actor}"})
@@ -178,8 +190,8 @@ class Jobs:
     def claim(self, worker: str, lease_s: float, max_attempts: int) -> Job | None:
         """Take the oldest queued job, or a running one whose lease expired; None if none.
 
-        A job already taken `max_attempts` times whose lease expired again is failed
-        instead of run once more (its worker keeps dying on it).
+        A job whose workers died `max_attempts` times is failed instead of run once more,
+        and one whose cancel was asked is cancelled instead of run.
         """
         now = utcnow()
         with self._db.write() as session:
@@ -196,16 +208,20 @@ class Jobs:
                 )
                 if row is None:
                     return None
-                if row.state == "running" and row.attempts >= max_attempts:
+                if row.state == "running":
+                    row.lost_leases += 1
+                if row.cancel_requested:
+                    _set_state(session, row, "cancelled", "cancelled on request")
+                elif row.lost_leases >= max_attempts:
                     _set_state(
                         session,
                         row,
                         "failed",
-                        f"its worker stopped renewing its lease {row.attempts} times "
+                        f"its worker stopped renewing its lease {row.lost_leases} times "
                         f"(last: {row.worker}); not retried again",
                     )
-                    continue
-                return _take(session, row, worker, now + timedelta(seconds=lease_s))
+                else:
+                    return _take(session, row, worker, now + timedelta(seconds=lease_s))
 
     def renew(self, job_id: str, worker: str, lease_s: float) -> Lease:
         """Extend the lease; says whether the worker still holds the job and if cancel was asked."""
@@ -227,8 +243,16 @@ class Jobs:
             _add_event(session, row, kind, dict(data))
             return True
 
-    def record_epoch(self, job_id: str, worker: str, epoch: JobEpoch, is_best: bool) -> bool:
-        """Keep an epoch's checkpoint and resume state (blobs already stored) and its event."""
+    def record_epoch(
+        self,
+        job_id: str,
+        worker: str,
+        epoch: JobEpoch,
+        is_best: bool,
+        details: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Keep an epoch's checkpoint and resume state (blobs already stored) and its event
+        (with `details` such as the step count added to it)."""
         with self._db.write() as session:
             row = _held_row(session, job_id, worker)
             if row is None:
@@ -238,6 +262,7 @@ class Jobs:
                     JobEpochRow.job_id == job_id, JobEpochRow.epoch == epoch.epoch
                 )
             )
+            _drop_resume_states(session, job_id)  # only the newest epoch's is ever resumed
             session.add(
                 JobEpochRow(
                     job_id=job_id,
@@ -252,17 +277,26 @@ class Jobs:
             )
             if is_best:
                 row.best_epoch = epoch.epoch
-            data = {"epoch": epoch.epoch, "loss": epoch.train_loss, "val_loss": epoch.val_loss}
+            data = {
+                **(details or {}),
+                "epoch": epoch.epoch,
+                "loss": epoch.train_loss,
+                "val_loss": epoch.val_loss,
+            }
             _add_event(session, row, "epoch", data)
             return True
 
-    def succeed(self, job_id: str, worker: str, result: JobResult) -> Version | None:
+    def succeed(self, job_id: str, worker: str, result: JobResult) -> Job | None:
         """Register the result version, move the alias (compare-and-set) and finish the job,
-        all in one transaction; None (nothing written) if the worker lost the job."""
+        all in one transaction. A cancel that arrived meanwhile wins: the job ends cancelled
+        and nothing is registered. None (nothing written) if the worker lost the job."""
         with self._db.write() as session:
             row = _held_row(session, job_id, worker)
             if row is None:
                 return None
+            if row.cancel_requested:
+                _set_state(session, row, "cancelled", "cancelled on request")
+                return _job(session, row)
             model = session.get_one(ModelRow, row.model_id).name
             version = self._checkpoints.add_version_in(
                 session,
@@ -282,7 +316,7 @@ class Jobs:
             row.best_epoch = result.best_epoch or row.best_epoch
             self._move_alias(session, row, model, version.version)
             _set_state(session, row, "succeeded", f"registered {model}:{version.version}")
-            return version
+            return _job(session, row)
 
     def _move_alias(self, session: Session, row: JobRow, model: str, version: int) -> None:
         if not row.alias:
@@ -317,7 +351,10 @@ class Jobs:
             if row is None:
                 return False
             row.worker, row.lease_until = "", None
-            _set_state(session, row, "queued", reason)
+            if row.cancel_requested:
+                _set_state(session, row, "cancelled", "cancelled on request")
+            else:
+                _set_state(session, row, "queued", reason)
             return True
 
 
@@ -341,11 +378,22 @@ def _held_row(session: Session, job_id: str, worker: str) -> JobRow | None:
     return row
 
 
+def _lease_expired(row: JobRow) -> bool:
+    return row.state == "running" and row.lease_until is not None and row.lease_until < utcnow()
+
+
+def _drop_resume_states(session: Session, job_id: str) -> None:
+    session.execute(
+        sa.update(JobEpochRow).where(JobEpochRow.job_id == job_id).values(resume_digest=None)
+    )
+
+
 def _set_state(session: Session, row: JobRow, state: str, message: str) -> None:
     row.state = state
     if state in FINISHED_JOB_STATES:
         row.finished_at, row.lease_until = utcnow(), None
         row.reason = message if state != "succeeded" else ""
+        _drop_resume_states(session, row.id)  # a finished job is never resumed
     _add_event(session, row, "state", {"state": state, "message": message})
 
 

@@ -156,6 +156,8 @@ class JobRow(Base):
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     reason: Mapped[str] = mapped_column(sa.Text, default="")
     attempts: Mapped[int] = mapped_column(default=0)
+    lost_leases: Mapped[int] = mapped_column(default=0)
+    """How often a worker died holding the job (a graceful hand-back does not count)."""
     worker: Mapped[str] = mapped_column(sa.String(128), default="")
     lease_until: Mapped[datetime | None]
     result_version: Mapped[int | None]
@@ -196,5 +198,7 @@ class JobEpochRow(Base):
     val_loss: Mapped[float | None]
     digest: Mapped[str] = mapped_column(sa.String(64), index=True)
     size: Mapped[int] = mapped_column(sa.BigInteger)
-    resume_digest: Mapped[str] = mapped_column(sa.String(64), index=True)
+    resume_digest: Mapped[str | None] = mapped_column(sa.String(64), index=True)
+    """Optimizer and RNG state to resume after this epoch; kept for the newest epoch of a
+    running job only (it is about twice the weights' size with Adam)."""
     finished_at: Mapped[datetime] = mapped_column(default=utcnow)

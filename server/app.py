@@ -70,9 +70,8 @@ class App:
         moduleserve_v1_pb2_grpc.add_IntrospectionServicer_to_server(
             IntrospectionServicer(self.registry, self.cache), server
         )
-        moduleserve_v1_pb2_grpc.add_JobsServicer_to_server(
-            JobsServicer(self.registry, self.auth), server
-        )
+        self.jobs = JobsServicer(self.registry, self.auth)
+        moduleserve_v1_pb2_grpc.add_JobsServicer_to_server(self.jobs, server)
         moduleserve_v1_pb2_grpc.add_DatasetsServicer_to_server(
             DatasetsServicer(self.registry, self.auth), server
         )
@@ -138,6 +137,7 @@ class App:
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let in-flight ones finish, then unload and release everything."""
         self.inference.ready = False
+        self.jobs.closing.set()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.shutdown_grace_s if grace is None else grace)
         await self.cache.close()

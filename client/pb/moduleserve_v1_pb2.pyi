@@ -516,10 +516,12 @@ class PromoteJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., epoch: _Optional[int] = ..., alias: _Optional[str] = ...) -> None: ...
 
 class PromoteJobResponse(_message.Message):
-    __slots__ = ("version",)
+    __slots__ = ("version", "epoch")
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     version: ModelVersion
-    def __init__(self, version: _Optional[_Union[ModelVersion, _Mapping]] = ...) -> None: ...
+    epoch: int
+    def __init__(self, version: _Optional[_Union[ModelVersion, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class DatasetTensor(_message.Message):
     __slots__ = ("name", "dtype", "shape")

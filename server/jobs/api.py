@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 from registry.api import Registry
@@ -42,19 +43,27 @@ def create_job(
             f"freeze: every parameter of {module_class.name} would be frozen; nothing would train"
         )
     stored = registry.datasets.get(dataset)
-    train_data_from(registry.load_tensors(stored.digest), module_class, spec)
+    # Shapes and target ranges only: the worker verifies the blob's digest before training,
+    # so the serving process does not hash a dataset of gigabytes here.
+    train_data_from(registry.load_tensors(stored.digest, verify=False), module_class, spec)
     return registry.jobs.create(
         base, dataset, stored.digest, spec.to_dict(), alias=alias or None, created_by=actor
     )
 
 
 async def follow_events(
-    registry: Registry, job_id: str, after_seq: int = 0, poll_s: float = WATCH_POLL_S
+    registry: Registry,
+    job_id: str,
+    after_seq: int = 0,
+    stop: asyncio.Event | None = None,
+    poll_s: float = WATCH_POLL_S,
 ) -> AsyncIterator[JobEvent]:
     """The job's stored events after `after_seq`, then new ones as they are stored, until
-    the job has ended and its last event was given."""
+    the job has ended and its last event was given, or `stop` is set (the server stops:
+    the watcher reconnects elsewhere with the last seq it saw)."""
+    stop = stop or asyncio.Event()
     seq = after_seq
-    while True:
+    while not stop.is_set():
         events = await asyncio.to_thread(registry.jobs.events, job_id, seq)
         for event in events:
             seq = event.seq
@@ -66,4 +75,5 @@ async def follow_events(
             for event in await asyncio.to_thread(registry.jobs.events, job_id, seq):
                 yield event
             return
-        await asyncio.sleep(poll_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), poll_s)

@@ -11,12 +11,12 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from registry.api import Registry
 from registry.entities import Job, JobEpoch
@@ -24,7 +24,6 @@ from registry.errors import RegistryError
 from registry.formats import encode_tensors
 from registry.jobs import JobResult
 from registry.jobspec import JobSpec
-from registry.loading import load_copying, load_into
 from registry.orm import utcnow
 from server.jobs.data import train_data_from
 from server.jobs.training import EpochEnd, Progress, TrainResult, fine_tune
@@ -66,14 +65,18 @@ class LeaseKeeper:
         return self.stop_reason is not None
 
     def _run(self) -> None:
+        renewed = time.monotonic()
         while not self._done.wait(self._interval):
             if self._shutdown.is_set() and self.stop_reason is None:
                 self.stop_reason = "shutdown"  # the worker is stopping: hand the job back
             try:
                 lease = self._jobs.renew(self._job_id, self._worker, self._lease_s)
-            except RegistryError as exc:  # the database is briefly unreachable: keep trying
+            except Exception as exc:  # the database is briefly unreachable: keep trying
                 logger.warning("job %s: lease renewal failed (%s)", self._job_id, exc)
+                if time.monotonic() - renewed > self._lease_s:
+                    self.stop_reason = "lost"  # another worker may hold it by now
                 continue
+            renewed = time.monotonic()
             if not lease.held:
                 self.stop_reason = "lost"
             elif lease.cancel_requested and self.stop_reason is None:
@@ -106,7 +109,8 @@ class JobHooks:
             resume_digest=resume_digest,
             finished_at=utcnow(),
         )
-        self._registry.jobs.record_epoch(self._job.id, self._worker, epoch, end.is_best)
+        details = {"epochs": end.epochs, "step": end.step}
+        self._registry.jobs.record_epoch(self._job.id, self._worker, epoch, end.is_best, details)
 
     def should_stop(self) -> bool:
         """Cancel asked, lease lost or worker stopping."""
@@ -133,12 +137,12 @@ def run_job(
     with LeaseKeeper(registry, job.id, worker, lease_s, shutdown) as keeper:
         try:
             result = _train(registry, job, worker, device, keeper)
+            return _conclude(registry, job, worker, keeper, result)
         except Exception as exc:  # user code, data or the registry: the job fails, not the worker
             logger.warning("job %s failed: %s", job.id, exc, exc_info=True)
             reason = _reason(exc)
             registry.jobs.finish(job.id, worker, "failed", reason)
             return Outcome("failed", reason)
-        return _conclude(registry, job, worker, keeper, result)
 
 
 def _train(
@@ -149,9 +153,9 @@ def _train(
     module_class = registry.module_class_of(base)
     data = train_data_from(registry.load_tensors(job.dataset_digest), module_class, spec)
     resume: Mapping[str, Any] | None = None
-    if job.epochs:
-        last = job.epochs[-1]
-        module = _build(registry, base.class_name, registry.load_tensors(last.digest))
+    last = job.epochs[-1] if job.epochs else None
+    if last is not None and last.resume_digest:
+        module = registry.build_with(module_class, registry.load_tensors(last.digest))
         resume = torch.load(io.BytesIO(registry.blobs.read(last.resume_digest)), weights_only=True)
         registry.jobs.add_event(
             job.id, worker, "log", {"message": f"resuming after epoch {last.epoch}"}
@@ -160,15 +164,6 @@ def _train(
         module = registry.build_version(base)
     hooks = JobHooks(registry, job, worker, keeper)
     return fine_tune(module.to(device), data, spec, device=device, hooks=hooks, resume=resume)
-
-
-def _build(registry: Registry, class_name: str, tensors: dict[str, torch.Tensor]) -> nn.Module:
-    module_class = registry.classes.get(class_name)
-    module = load_into(class_name, registry.classes.build(module_class, device="meta"), tensors)
-    if module is None:
-        built = registry.classes.build(module_class, device="cpu")
-        module = load_copying(class_name, built, tensors)
-    return module
 
 
 def _conclude(
@@ -182,19 +177,32 @@ def _conclude(
     if result.cancelled:
         registry.jobs.finish(job.id, worker, "cancelled", "cancelled on request")
         return Outcome("cancelled", "cancelled on request")
-    weights = encode_tensors(result.state_dict)
+    digest, size = _result_weights(registry, job, result)
     job_result = JobResult(
-        digest=registry.blobs.put(weights),
-        size=len(weights),
+        digest=digest,
+        size=size,
         class_name=registry.checkpoints.get_model(job.model).class_name,
         metrics=_metrics(result),
         best_epoch=result.best_epoch,
         description=f"fine-tuned from {job.model}:{job.base_version} on {job.dataset}",
     )
-    version = registry.jobs.succeed(job.id, worker, job_result)
-    if version is None:
+    ended = registry.jobs.succeed(job.id, worker, job_result)
+    if ended is None:
         return Outcome("lost", "another worker holds the job now; nothing was registered")
-    return Outcome("succeeded", f"registered {version.model}:{version.version}")
+    if ended.state == "cancelled":
+        return Outcome("cancelled", "cancelled on request before its result was registered")
+    return Outcome("succeeded", f"registered {ended.model}:{ended.result_version}")
+
+
+def _result_weights(registry: Registry, job: Job, result: TrainResult) -> tuple[str, int]:
+    """The blob to register: the best epoch's when early stopping ended the job (the epochs
+    after it got worse), else the final weights."""
+    spec = JobSpec.from_dict(job.spec)
+    if spec.early_stopping_patience and result.best_epoch:
+        kept = registry.jobs.epoch(job.id, result.best_epoch)
+        return kept.digest, kept.size
+    weights = encode_tensors(result.state_dict)
+    return registry.blobs.put(weights), len(weights)
 
 
 def _metrics(result: TrainResult) -> dict[str, Any]:

@@ -14,12 +14,15 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 from server.config import ServerSettings
 
 logger = logging.getLogger(__name__)
 
 RESTART_DELAY_S = 2.0
+MAX_RESTART_DELAY_S = 60.0
+QUICK_EXIT_S = 10.0
 
 
 def worker_environment(settings: ServerSettings) -> dict[str, str]:
@@ -56,6 +59,8 @@ class WorkerProcesses:
         self._count = count
         self._grace = settings.shutdown_grace_s
         self._procs: list[subprocess.Popen[bytes]] = []
+        self._started: list[float] = []
+        self._delays: list[float] = []
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -66,6 +71,8 @@ class WorkerProcesses:
     def start(self) -> None:
         """Start the workers and a task that restarts any that exits."""
         self._procs = [self._spawn() for _ in range(self._count)]
+        self._started = [time.monotonic()] * self._count
+        self._delays = [RESTART_DELAY_S] * self._count
         self._task = asyncio.get_running_loop().create_task(self._supervise())
         logger.info("started %d fine-tuning worker process(es)", self._count)
 
@@ -76,11 +83,18 @@ class WorkerProcesses:
     async def _supervise(self) -> None:
         while True:
             await asyncio.sleep(RESTART_DELAY_S)
+            now = time.monotonic()
             for index, proc in enumerate(self._procs):
                 code = proc.poll()
-                if code is not None:
-                    logger.warning("job worker %d exited with %s; restarting it", proc.pid, code)
-                    self._procs[index] = self._spawn()
+                if code is None or now - self._started[index] < self._delays[index]:
+                    continue
+                # A worker that keeps dying at start (a bad setting) is retried ever more slowly.
+                quick = now - self._started[index] < QUICK_EXIT_S + self._delays[index]
+                delay = min(self._delays[index] * 2, MAX_RESTART_DELAY_S)
+                self._delays[index] = delay if quick else RESTART_DELAY_S
+                logger.warning("job worker %d exited with %s; restarting it", proc.pid, code)
+                self._procs[index] = self._spawn()
+                self._started[index] = now
 
     async def stop(self) -> None:
         """SIGTERM the workers (each hands its running job back to the queue), then wait."""

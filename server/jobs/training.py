@@ -70,6 +70,9 @@ class EpochEnd:
     """One finished epoch (a last one cut short by max_steps included) and its checkpoint."""
 
     epoch: int
+    epochs: int
+    step: int
+    """Optimizer steps done in the whole job when this epoch ended."""
     train_loss: float
     val_loss: float | None
     is_best: bool
@@ -300,6 +303,8 @@ class _Run:
         is_best = self.counters.record_epoch(epoch, train_loss, val_loss)
         end = EpochEnd(
             epoch=epoch,
+            epochs=self.spec.epochs,
+            step=self.counters.step,
             train_loss=train_loss,
             val_loss=val_loss,
             is_best=is_best,

@@ -27,7 +27,7 @@ from server.engine.devices import resolve_device
 from server.jobs.runner import run_job
 from server.logs import configure_logging
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("server.jobs.worker")  # also when run as __main__
 
 
 def run_worker(settings: WorkerSettings, shutdown: threading.Event) -> None:
@@ -65,7 +65,11 @@ def run_worker(settings: WorkerSettings, shutdown: threading.Event) -> None:
                 job.dataset,
                 job.attempts,
             )
-            outcome = run_job(registry, job, worker, device, settings.job_lease_s, shutdown)
+            try:
+                outcome = run_job(registry, job, worker, device, settings.job_lease_s, shutdown)
+            except Exception:  # e.g. the database went away while failing the job
+                logger.exception("job %s: could not be ended; its lease will expire", job.id)
+                continue
             logger.info("job %s %s: %s", job.id, outcome.state, outcome.detail)
     finally:
         registry.close()

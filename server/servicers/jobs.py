@@ -40,6 +40,8 @@ class JobsServicer(pb_grpc.JobsServicer):
     def __init__(self, registry: Registry, auth: Authorizer) -> None:
         self.registry = registry
         self.auth = auth
+        self.closing = asyncio.Event()
+        """Set when the server stops: open WatchJob streams end instead of holding it up."""
 
     @map_errors
     async def CreateJob(
@@ -84,7 +86,8 @@ class JobsServicer(pb_grpc.JobsServicer):
     ) -> AsyncIterator[pb.JobEvent]:
         self.auth.check_read(context)
         await asyncio.to_thread(self.registry.jobs.get, request.job_id)  # NOT_FOUND up front
-        async for event in follow_events(self.registry, request.job_id, request.after_seq):
+        events = follow_events(self.registry, request.job_id, request.after_seq, self.closing)
+        async for event in events:
             yield event_to_pb(event)
 
     @map_errors
@@ -114,7 +117,7 @@ class JobsServicer(pb_grpc.JobsServicer):
         self.auth.check(context)
         if request.epoch < 0:
             raise InvalidInputError(f"epoch must be >= 0 (0: the best), got {request.epoch}")
-        version = await asyncio.to_thread(
+        version, epoch = await asyncio.to_thread(
             self.registry.promote_job,
             request.job_id,
             request.epoch,
@@ -124,7 +127,8 @@ class JobsServicer(pb_grpc.JobsServicer):
         return pb.PromoteJobResponse(
             version=pb.ModelVersion(
                 model=version.model, version=version.version, class_name=version.class_name
-            )
+            ),
+            epoch=epoch,
         )
 
 

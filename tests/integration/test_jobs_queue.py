@@ -61,9 +61,10 @@ def test_a_job_runs_queued_running_succeeded_with_ordered_events(seeded: Registr
     assert (claimed.state, claimed.worker, claimed.attempts) == ("running", "w1", 1)
     assert seeded.jobs.add_event(job_id, "w1", "progress", {"step": 10, "loss": 1.5})
 
-    version = seeded.jobs.succeed(job_id, "w1", _result(seeded, job_id))
+    ended = seeded.jobs.succeed(job_id, "w1", _result(seeded, job_id))
 
-    assert version is not None and version.version == 2
+    assert ended is not None and (ended.state, ended.result_version) == ("succeeded", 2)
+    version = seeded.checkpoints.resolve("mlp", "2")
     assert (version.parent_version, version.source) == (1, f"job {job_id}")
     assert version.metrics["train_loss"] == 0.5
     assert version.metrics["hyperparameters"] == JobSpec().to_dict()
@@ -88,9 +89,9 @@ def test_the_alias_moves_only_if_it_still_points_where_it_did(seeded: Registry) 
     seeded.checkpoints.set_alias("mlp", "production", 2)  # someone moves it meanwhile
     seeded.jobs.claim("w1", lease_s=30, max_attempts=3)
 
-    version = seeded.jobs.succeed(job_id, "w1", _result(seeded, job_id))
+    ended = seeded.jobs.succeed(job_id, "w1", _result(seeded, job_id))
 
-    assert version is not None and version.version == 3
+    assert ended is not None and ended.result_version == 3
     assert seeded.checkpoints.resolve("mlp", "production").version == 2
     job = seeded.jobs.get(job_id)
     assert (job.state, job.alias_moved) == ("succeeded", False)
@@ -136,6 +137,8 @@ def test_an_expired_lease_hands_the_job_to_another_worker_and_fences_the_first(
 
 def test_a_job_whose_workers_keep_dying_is_failed_not_retried_forever(seeded: Registry) -> None:
     job_id = _queue(seeded)
+    taken = seeded.jobs.claim("w0", lease_s=30, max_attempts=2)
+    assert taken is not None and seeded.jobs.release(job_id, "w0", "w0 stopped")  # not a death
     for worker in ("w1", "w2"):
         assert seeded.jobs.claim(worker, lease_s=0.01, max_attempts=2) is not None
         time.sleep(0.05)
@@ -143,7 +146,35 @@ def test_a_job_whose_workers_keep_dying_is_failed_not_retried_forever(seeded: Re
     assert seeded.jobs.claim("w3", lease_s=30, max_attempts=2) is None
 
     job = seeded.jobs.get(job_id)
-    assert job.state == "failed" and "2 times" in job.reason
+    assert job.state == "failed" and "2 times" in job.reason and job.attempts == 3
+
+
+def test_a_cancel_wins_over_a_result_that_arrives_after_it(seeded: Registry) -> None:
+    job_id = _queue(seeded, alias="production")
+    seeded.jobs.claim("w1", lease_s=30, max_attempts=3)
+    seeded.jobs.request_cancel(job_id, "alice")  # during the last epoch's validation, say
+
+    ended = seeded.jobs.succeed(job_id, "w1", _result(seeded, job_id))
+
+    assert ended is not None and (ended.state, ended.result_version) == ("cancelled", None)
+    assert len(seeded.checkpoints.list_versions("mlp")) == 1
+    assert seeded.checkpoints.resolve("mlp", "production").version == 1
+
+
+def test_a_job_without_a_live_worker_or_handed_back_is_cancelled_at_once(
+    seeded: Registry,
+) -> None:
+    orphan = _queue(seeded)
+    seeded.jobs.claim("w1", lease_s=0.01, max_attempts=3)
+    time.sleep(0.05)  # its worker died
+    assert seeded.jobs.request_cancel(orphan, "alice").state == "cancelled"
+
+    handed_back = _queue(seeded)
+    seeded.jobs.claim("w2", lease_s=30, max_attempts=3)
+    seeded.jobs.request_cancel(handed_back, "alice")
+    assert seeded.jobs.release(handed_back, "w2", "w2 stopped")
+    assert seeded.jobs.get(handed_back).state == "cancelled"
+    assert seeded.jobs.claim("w3", lease_s=30, max_attempts=3) is None
 
 
 def test_released_jobs_return_to_the_queue(seeded: Registry) -> None:
@@ -180,21 +211,25 @@ def test_epochs_are_kept_their_blobs_survive_gc_and_promote_registers_one(
     job_id = _queue(seeded)
     seeded.jobs.claim("w1", lease_s=30, max_attempts=3)
     weights = seeded.checkpoints.resolve("mlp", "1")
-    resume_digest = seeded.blobs.put(b"resume state")
+    with pytest.raises(JobStateError, match="kept no epoch checkpoint yet"):
+        seeded.promote_job(job_id)
+    resume = [seeded.blobs.put(f"resume state {n}".encode()) for n in (1, 2, 3)]
     for epoch, val_loss in ((1, 0.9), (2, 0.7), (3, 0.8)):
         kept = JobEpoch(
-            epoch, 1.0 / epoch, val_loss, weights.digest, weights.size, resume_digest, utcnow()
+            epoch, 1.0 / epoch, val_loss, weights.digest, weights.size, resume[epoch - 1], utcnow()
         )
         seeded.jobs.record_epoch(job_id, "w1", kept, is_best=val_loss < 0.8 or epoch == 1)
 
     job = seeded.jobs.get(job_id)
     assert [e.epoch for e in job.epochs] == [1, 2, 3] and job.best_epoch == 2
+    # Only the newest epoch's resume state is kept (and gc leaves it alone).
+    assert [e.resume_digest for e in job.epochs] == [None, None, resume[2]]
     report = seeded.gc(min_age_s=0)
-    assert resume_digest not in report.digests
+    assert resume[2] not in report.digests and set(resume[:2]) <= set(report.digests)
 
-    promoted = seeded.promote_job(job_id, alias="candidate")
+    promoted, epoch = seeded.promote_job(job_id, alias="candidate")
 
-    assert (promoted.version, promoted.parent_version) == (2, 1)
+    assert (promoted.version, promoted.parent_version, epoch) == (2, 1, 2)
     assert promoted.source == f"job {job_id} epoch 2"
     assert promoted.metrics["val_loss"] == 0.7
     assert seeded.checkpoints.resolve("mlp", "candidate").version == 2

@@ -122,8 +122,7 @@ def test_a_job_trains_registers_a_child_version_moves_the_alias_and_is_served(
     np.testing.assert_allclose(client.infer("mlp", x, version="staging"), expected, rtol=1e-5)
     # A watcher that comes back replays from where it left off.
     assert [e.seq for e in client.jobs.watch(job.id, after_seq=events[-2].seq)] == [events[-1].seq]
-    model, number = client.jobs.promote(job.id, epoch=1)
-    assert (model, number) == ("mlp", 3)
+    assert client.jobs.promote(job.id, epoch=1) == ("mlp", 3, 1)
     assert demo_registry.checkpoints.resolve("mlp", "3").source == f"job {job.id} epoch 1"
 
 
@@ -253,19 +252,38 @@ def test_job_calls_need_the_admin_token_and_reads_need_a_read_token_when_set(
     server = ServerThread(settings)
     try:
         data = learnable(n=16)
-        with ModelClient(server.target) as anonymous:
-            with pytest.raises(UnauthenticatedError):
-                anonymous.upload_dataset("digits", data)
-            with pytest.raises(UnauthenticatedError):
-                anonymous.jobs.list()
-        with ModelClient(server.target, token="reader") as reader:
-            assert reader.jobs.list() == []
-            with pytest.raises(PermissionDeniedError):
-                reader.upload_dataset("digits", data)
         with ModelClient(server.target, token="admin") as admin:
             admin.upload_dataset("digits", data)
             job = admin.jobs.create("mlp", dataset="digits")
-            assert admin.jobs.cancel(job.id).state == "cancelled"
+            admin.jobs.cancel(job.id)
+            writes = {
+                "upload": lambda c: c.upload_dataset("more", data),
+                "create": lambda c: c.jobs.create("mlp", dataset="digits"),
+                "cancel": lambda c: c.jobs.cancel(job.id),
+                "promote": lambda c: c.jobs.promote(job.id),
+            }
+            reads = {
+                "get": lambda c: c.jobs.get(job.id),
+                "list": lambda c: c.jobs.list(),
+                "events": lambda c: c.jobs.events(job.id),
+                "watch": lambda c: list(c.jobs.watch(job.id)),
+                "datasets": lambda c: c.jobs.datasets(),
+            }
+            with ModelClient(server.target) as anonymous:
+                for name, call in {**writes, **reads}.items():
+                    with pytest.raises(UnauthenticatedError):
+                        call(anonymous)
+                        pytest.fail(f"{name} needs no token")
+            with ModelClient(server.target, token="reader") as reader:
+                for call in reads.values():
+                    call(reader)
+                for name, call in writes.items():
+                    with pytest.raises(PermissionDeniedError):
+                        call(reader)
+                        pytest.fail(f"{name} accepts a read token")
+            for call in reads.values():
+                call(admin)  # the admin token reads too
+            assert admin.jobs.get(job.id).state == "cancelled"
             assert admin.health() == "SERVING"
     finally:
         server.stop()

@@ -42,6 +42,7 @@ def upgrade() -> None:
         sa.Column("cancel_requested", sa.Boolean(), nullable=False),
         sa.Column("reason", sa.Text(), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
+        sa.Column("lost_leases", sa.Integer(), nullable=False),
         sa.Column("worker", sa.String(length=128), nullable=False),
         sa.Column("lease_until", sa.DateTime(timezone=True), nullable=True),
         sa.Column("result_version", sa.Integer(), nullable=True),
@@ -77,7 +78,7 @@ def upgrade() -> None:
         sa.Column("val_loss", sa.Double(), nullable=True),
         sa.Column("digest", sa.String(length=64), nullable=False),
         sa.Column("size", sa.BigInteger(), nullable=False),
-        sa.Column("resume_digest", sa.String(length=64), nullable=False),
+        sa.Column("resume_digest", sa.String(length=64), nullable=True),
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["job_id"], ["jobs.id"], name=op.f("fk_job_epochs_job_id_jobs"), ondelete="CASCADE"
