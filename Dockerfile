@@ -12,8 +12,13 @@ COPY server server
 RUN pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.13.0 \
  && pip install --no-cache-dir -c constraints.txt '.[server]'
 
+# Shutdown grace below `docker stop`'s 10 s, so in-flight requests finish before SIGKILL.
 ENV MODULESERVE_DB=sqlite:////data/registry.db \
-    MODULESERVE_STORE=/data/store
+    MODULESERVE_STORE=/data/store \
+    MODULESERVE_SHUTDOWN_GRACE_S=8 \
+    PYTHONPATH=/models
 VOLUME /data
 EXPOSE 8001 8002
-CMD ["moduleserve-server", "--host", "0.0.0.0"]
+# `docker run` alone migrates (creates) the registry in /data, then serves it; without a
+# token (-e MODULESERVE_TOKENS='["…"]') the server refuses 0.0.0.0 and says so.
+CMD ["sh", "-c", "moduleserve-registry init && exec moduleserve-server --host 0.0.0.0"]

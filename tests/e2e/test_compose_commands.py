@@ -39,12 +39,29 @@ def command(service: str, *override: str) -> list[str]:
 def environment(service: str, data: Path, db_url: str | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("MODULESERVE_TOKEN", "e2e-token")  # what .env must give (no default)
     for key, value in COMPOSE["services"][service]["environment"].items():
-        value = re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: os.environ.get(m[1], m[2]), value)
-        env[key] = value.replace("/data", str(data))
+        env[key] = interpolate(value, env).replace("/data", str(data))
+    env["PYTHONPATH"] = str(REPO)  # the /models mount: the tests' classes live here
     if db_url is not None:
         env["MODULESERVE_DB"] = db_url
     return env
+
+
+def interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's ${VAR:-default}, ${VAR-default} and ${VAR:?error} forms."""
+
+    def one(match: re.Match[str]) -> str:
+        name, op, arg = match[1], match[2], match[3]
+        if op == ":?":
+            if not env.get(name):
+                raise AssertionError(f"compose would refuse: {arg}")
+            return env[name]
+        if op == "-":
+            return env.get(name, arg)
+        return env.get(name) or arg
+
+    return re.sub(r"\$\{(\w+)(:-|-|:\?)([^}]*)\}", one, value)
 
 
 def run(service: str, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess[str]:
@@ -126,6 +143,19 @@ def fine_tune_through(client: ModelClient, jobs: int = 1) -> list[str]:
         time.sleep(0.2)
         states = [client.jobs.get(i).state for i in ids]
     return states
+
+
+def test_the_stack_has_no_default_token_and_outlasts_the_shutdown_grace() -> None:
+    text = (REPO / "docker-compose.yml").read_text()
+    assert "change-me" not in text
+    with pytest.raises(AssertionError, match=r"set MODULESERVE_TOKEN in \.env"):
+        interpolate(COMPOSE["services"]["server"]["environment"]["MODULESERVE_TOKENS"], {})
+    from server.config import ServerSettings
+
+    grace = ServerSettings.model_fields["shutdown_grace_s"].default
+    stop_after = COMPOSE["x-image"]["stop_grace_period"]
+    assert stop_after.endswith("s") and float(stop_after[:-1]) > grace + 10
+    assert "TORCH_INDEX_URL" in COMPOSE["x-image"]["build"]["args"]
 
 
 @pytest.fixture
