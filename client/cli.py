@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
-import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -14,21 +12,23 @@ from client.client import ModelClient, ModelInfo
 from client.errors import ModuleServeError
 from client.inspect_cli import add_inspect_command
 from client.jobs_cli import add_jobs_commands
-from client.tables import format_table, to_json
+from client.tables import format_table, report_error, run_main, to_json, version_text
 
 DEFAULT_TARGET = "127.0.0.1:8001"
+MODEL_REF_HELP = "model name, then :VERSION or :ALIAS (default: the default alias, else the latest)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command: 0 on success, 1 on failure, 2 on usage errors."""
+    """Run one command: 0 on success, 1 on failure, 2 on usage errors, 141 when stdout closed."""
+    return run_main(lambda: _run(argv))
+
+
+def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
     except (ModuleServeError, ValueError, OSError) as exc:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return report_error(exc, args)
 
 
 def connect(args: argparse.Namespace) -> ModelClient:
@@ -87,7 +87,8 @@ def cmd_load(args: argparse.Namespace) -> int:
     model, version = _split(args.model)
     with connect(args) as client:
         client.load(model, version)
-    print(f"loaded {args.model}")
+    data = {"model": model, "version": version, "loaded": True}
+    print(to_json(data) if args.json else f"loaded {args.model}")
     return 0
 
 
@@ -95,7 +96,8 @@ def cmd_unload(args: argparse.Namespace) -> int:
     """Unload every version of a model."""
     with connect(args) as client:
         client.unload(args.model)
-    print(f"unloaded {args.model}")
+    data = {"model": args.model, "unloaded": True}
+    print(to_json(data) if args.json else f"unloaded {args.model}")
     return 0
 
 
@@ -105,13 +107,16 @@ def cmd_infer(args: argparse.Namespace) -> int:
     with connect(args) as client:
         info = client.metadata(model, version)
         inputs = _load_inputs(info, args)
-        result = client.infer(model, inputs, version=version, priority=args.priority)
+        result, answered = client.infer(
+            model, inputs, version=version, priority=args.priority, return_version=True
+        )
     outputs = result if isinstance(result, dict) else {info.outputs[0].name: result}
     if args.output:
         np.savez(args.output, **outputs)
     if args.json:
         print(to_json({name: value.tolist() for name, value in outputs.items()}))
     else:
+        print(f"answered by {model}:{answered}")
         with np.printoptions(precision=4, suppress=True, threshold=200):
             for name, value in outputs.items():
                 print(f"{name} {value.dtype}{list(value.shape)}:\n{value}")
@@ -147,10 +152,13 @@ def _split(ref: str) -> tuple[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     """Global connection options and one sub-command per operation."""
     parser = argparse.ArgumentParser(prog="moduleserve", description="Call a moduleserve server.")
+    parser.add_argument("--version", action="version", version=version_text())
     parser.add_argument("--target", default=DEFAULT_TARGET, help=f"host:port ({DEFAULT_TARGET})")
     parser.add_argument("--token", help="bearer token for load/unload")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
-    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    parser.add_argument(
+        "--json", action="store_true", help="print JSON for scripts (also after the command)"
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
     add = _adder(commands)
@@ -160,12 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--ready", action="store_true", help="only loaded models"
     )
     add("metadata", cmd_metadata, "show a model's inputs and outputs").add_argument(
-        "model", metavar="MODEL[:VERSION]"
+        "model", metavar="MODEL[:VERSION]", help=MODEL_REF_HELP
     )
-    add("load", cmd_load, "load a model now").add_argument("model", metavar="MODEL[:VERSION]")
-    add("unload", cmd_unload, "unload a model").add_argument("model")
+    add("load", cmd_load, "load a model now").add_argument(
+        "model", metavar="MODEL[:VERSION]", help=MODEL_REF_HELP
+    )
+    add("unload", cmd_unload, "unload a model").add_argument(
+        "model", help="model name (every loaded version is unloaded)"
+    )
     infer = add("infer", cmd_infer, "run a model")
-    infer.add_argument("model", metavar="MODEL[:VERSION|:ALIAS]")
+    infer.add_argument("model", metavar="MODEL[:VERSION|:ALIAS]", help=MODEL_REF_HELP)
     infer.add_argument("--input", help=".npy (one input) or .npz (named inputs)")
     infer.add_argument("--random", action="store_true", help="random normal input")
     infer.add_argument("--batch", type=int, default=1, help="rows of --random input")
@@ -184,6 +196,10 @@ def _adder(
         name: str, func: Callable[[argparse.Namespace], int], text: str
     ) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text, description=text)
+        # SUPPRESS: absent here leaves the global --json as it was.
+        sub.add_argument(
+            "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON for scripts"
+        )
         sub.set_defaults(func=func)
         return sub
 

@@ -7,6 +7,8 @@
 
 A single sample (no batch dimension) comes back without one; several named inputs
 are passed as a dict (names from `metadata()`), several outputs come back as a dict.
+Lists and float64 arrays are cast to the model's datatypes, and batches larger than the
+model's max_batch_size are sent in parts (see `ModelClient.infer`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.errors import from_rpc_error
+from client.errors import InvalidArgumentError, from_rpc_error
 from client.oip import method_path, oip_methods
 from client.pb import oip_v2_pb2 as pb
 
@@ -109,6 +111,7 @@ class ModelClient:
         }
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._model_info: dict[tuple[str, str], ModelInfo] = {}
+        self._max_rows: dict[tuple[str, str], int] = {}
 
     @property
     def channel(self) -> grpc.Channel:
@@ -140,7 +143,7 @@ class ModelClient:
 
     def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
         """Call one OIP method, turning failures into ModuleServeError subclasses."""
-        with translate_errors():
+        with translate_errors(self.target):
             return self._calls[method](
                 request, timeout=timeout or self.timeout, metadata=self._metadata
             )
@@ -169,7 +172,7 @@ class ModelClient:
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return "SERVICE_UNKNOWN"
-            raise from_rpc_error(exc) from None
+            raise from_rpc_error(exc, self.target) from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     def metadata(self, model: str, version: str = "") -> ModelInfo:
@@ -219,43 +222,90 @@ class ModelClient:
         outputs: Sequence[str] = (),
         timeout: float | None = None,
         priority: int = 0,
+        convert: bool = True,
+        return_version: bool = False,
     ) -> Any:
-        """Run the model on numpy arrays or torch tensors; returns the same kind."""
+        """Run the model on numpy arrays, lists or torch tensors; returns the same kind.
+
+        `convert` casts inputs to the model's datatypes where no kind is lost (float64 or
+        Python lists to float32, int64 to int32 when the values fit); False sends them as
+        they are. An input one dimension short of the model's shape is one sample; one that
+        does not fit a sample either is refused here, naming the shape given. More rows than
+        the model's max_batch_size go as several requests (`timeout` applies to each) whose
+        outputs are joined; every part is answered by the version the first part resolved
+        to. `return_version` returns (outputs, version that answered), which shows alias moves.
+        """
         info = self._model_info.get((model, version)) or self.metadata(model, version)
         named, as_torch = _named_inputs(info, inputs)
-        single = _is_single_sample(info, named)
+        if convert:
+            named = {name: _convert(info, name, array) for name, array in named.items()}
+        single = _check_shapes(info, named)
         if single:
             named = {name: array[None] for name, array in named.items()}
-        request = pb.ModelInferRequest(model_name=model, model_version=version)
-        for name, array in named.items():
-            request.inputs.add(name=name, datatype=_datatype(name, array), shape=array.shape)
-            request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
-        for name in outputs:
-            request.outputs.add(name=name)
-        if priority:
-            request.parameters["priority"].int64_param = priority
-        reply = self.call("ModelInfer", request, timeout=timeout)
+        rows = _rows(named)
+        limit = (self._max_batch_size(model, version) if rows > 1 else 0) or rows
+        if rows > limit:
+            _check_batch(info, named)
         # Any: numpy arrays, or torch tensors below (torch is optional for the client).
-        results: dict[str, Any] = {
-            out.name: _decode(out, data)
-            for out, data in zip(reply.outputs, reply.raw_output_contents, strict=True)
-        }
+        results: dict[str, Any]
+        results, answered = self._infer_parts(
+            model, version, named, limit, outputs, timeout, priority
+        )
         if single:
             results = {name: array[0] for name, array in results.items()}
         if as_torch:
             import torch
 
             results = {name: torch.from_numpy(array) for name, array in results.items()}
-        return next(iter(results.values())) if len(results) == 1 else results
+        result = next(iter(results.values())) if len(results) == 1 else results
+        return (result, answered) if return_version else result
+
+    def _max_batch_size(self, model: str, version: str) -> int:
+        """The model's max_batch_size from ModelConfig (0: no limit), asked once per ref."""
+        key = (model, version)
+        if key not in self._max_rows:
+            reply = self.call("ModelConfig", pb.ModelConfigRequest(name=model, version=version))
+            self._max_rows[key] = int(reply.config.max_batch_size)
+        return self._max_rows[key]
+
+    def _infer_parts(
+        self,
+        model: str,
+        version: str,
+        named: Mapping[str, np.ndarray],
+        limit: int,
+        outputs: Sequence[str],
+        timeout: float | None,
+        priority: int,
+    ) -> tuple[dict[str, np.ndarray], str]:
+        """Send `named` in parts of at most `limit` rows; returns the joined outputs and the
+        version that answered (the first part's, which the later parts then ask for)."""
+        rows = _rows(named)
+        split = [named] if rows <= limit else _split_rows(named, rows, limit)
+        parts: list[dict[str, np.ndarray]] = []
+        for part in split:
+            request = _infer_request(model, version, part, outputs, priority)
+            reply = self.call("ModelInfer", request, timeout=timeout)
+            version = reply.model_version or version
+            parts.append(
+                {
+                    out.name: _decode(out, data)
+                    for out, data in zip(reply.outputs, reply.raw_output_contents, strict=True)
+                }
+            )
+        if len(parts) == 1:
+            return parts[0], version
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}, version
 
 
 @contextmanager
-def translate_errors() -> Iterator[None]:
-    """Re-raise grpc.RpcError as the matching ModuleServeError subclass."""
+def translate_errors(target: str | None = None) -> Iterator[None]:
+    """Re-raise grpc.RpcError as the matching ModuleServeError subclass (naming `target`
+    when the server could not be reached)."""
     try:
         yield
     except grpc.RpcError as exc:
-        raise from_rpc_error(exc) from None
+        raise from_rpc_error(exc, target) from None
 
 
 def _named_inputs(info: ModelInfo, inputs: Any) -> tuple[dict[str, np.ndarray], bool]:
@@ -277,11 +327,105 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def _is_single_sample(info: ModelInfo, named: Mapping[str, np.ndarray]) -> bool:
-    specs = {t.name: t for t in info.inputs}
-    first = next(iter(named))
-    spec = specs.get(first)
-    return spec is not None and named[first].ndim == len(spec.shape) - 1
+def _convert(info: ModelInfo, name: str, array: np.ndarray) -> np.ndarray:
+    """`array` in the datatype the model declares for input `name`, when no kind is lost."""
+    spec = next((t for t in info.inputs if t.name == name), None)
+    target = NUMPY_FOR_DATATYPE.get(spec.datatype) if spec else None
+    if target is None or array.dtype == target:
+        return array
+    # same_kind: float64 -> float32 and int -> float, never float -> int (the server refuses).
+    if not np.can_cast(array.dtype, target, casting="same_kind"):
+        return array
+    if np.issubdtype(target, np.integer) and array.size:
+        bounds = np.iinfo(target)
+        if array.min() < bounds.min or array.max() > bounds.max:
+            raise InvalidArgumentError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"input {name!r}: values from {array.min()} to {array.max()} do not fit "
+                f"model {info.name!r}'s datatype {spec.datatype if spec else ''}",
+            )
+    return array.astype(target)
+
+
+def _check_shapes(info: ModelInfo, named: Mapping[str, np.ndarray]) -> bool:
+    """True when the inputs are one sample each (the batch dimension left out).
+
+    An input one dimension short of its batched shape is taken as one sample; when it does
+    not fit one sample either, it is refused here, naming the shape given (the server
+    would see the shape with the batch dimension added). Other shapes are the server's.
+    """
+    specs = {t.name: t.shape for t in info.inputs}
+    kinds: dict[str, bool] = {}
+    for name, array in named.items():
+        spec = specs.get(name)
+        if spec is None:
+            continue  # an unknown name: the server's refusal lists the inputs
+        kinds[name] = bool(spec) and spec[0] == -1 and array.ndim == len(spec) - 1
+        if kinds[name] and not _fits(array.shape, spec[1:]):
+            raise _shape_error(info, name, array.shape, spec)
+    if len(set(kinds.values())) > 1:
+        shapes = ", ".join(f"{name} {list(named[name].shape)}" for name in kinds)
+        raise InvalidArgumentError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"inputs of model {info.name!r} mix one sample and a batch: {shapes}",
+        )
+    return any(kinds.values())
+
+
+def _check_batch(info: ModelInfo, named: Mapping[str, np.ndarray]) -> None:
+    """Refuse a batch that cannot fit before it is split (the parts would hide its shape)."""
+    specs = {t.name: t.shape for t in info.inputs}
+    for name, array in named.items():
+        spec = specs.get(name)
+        if spec is not None and not _fits(array.shape, spec):
+            raise _shape_error(info, name, array.shape, spec)
+
+
+def _shape_error(
+    info: ModelInfo, name: str, shape: tuple[int, ...], spec: Sequence[int]
+) -> InvalidArgumentError:
+    one = f" (or {list(spec[1:])} for one sample)" if spec and spec[0] == -1 else ""
+    return InvalidArgumentError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"input {name!r} of model {info.name!r}: expected shape {list(spec)}{one}, "
+        f"got {list(shape)}",
+    )
+
+
+def _fits(shape: tuple[int, ...], spec: Sequence[int]) -> bool:
+    return len(shape) == len(spec) and all(w in (-1, g) for w, g in zip(spec, shape, strict=True))
+
+
+def _rows(named: Mapping[str, np.ndarray]) -> int:
+    first = next(iter(named.values()), None)
+    return int(first.shape[0]) if first is not None and first.ndim else 1
+
+
+def _split_rows(
+    named: Mapping[str, np.ndarray], rows: int, limit: int
+) -> list[dict[str, np.ndarray]]:
+    return [
+        {name: array[start : start + limit] for name, array in named.items()}
+        for start in range(0, rows, limit)
+    ]
+
+
+def _infer_request(
+    model: str,
+    version: str,
+    named: Mapping[str, np.ndarray],
+    outputs: Sequence[str],
+    priority: int,
+) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model, model_version=version)
+    for name, array in named.items():
+        request.inputs.add(name=name, datatype=_datatype(name, array), shape=array.shape)
+        request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
+    for name in outputs:
+        request.outputs.add(name=name)
+    if priority:
+        request.parameters["priority"].int64_param = priority
+    return request
 
 
 def _datatype(name: str, array: np.ndarray) -> str:

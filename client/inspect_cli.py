@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
-import traceback
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,23 +29,20 @@ from client.introspection import (
     Totals,
     VersionDiff,
 )
-from client.tables import format_table, human_bytes, to_json
+from client.tables import format_table, human_bytes, report_error, to_json
 
 Handler = Callable[[argparse.Namespace], int]
 
 
 def _one_sentence_errors(func: Handler) -> Handler:
-    """Expected failures print one sentence on stderr (a traceback too under --debug): exit 1."""
+    """Expected failures print one sentence on stderr, as every `moduleserve` command: exit 1."""
 
     @functools.wraps(func)
     def wrapper(args: argparse.Namespace) -> int:
         try:
             return func(args)
         except (ModuleServeError, ValueError, OSError) as exc:
-            if getattr(args, "debug", False):
-                traceback.print_exc()
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+            return report_error(exc, args)
 
     return wrapper
 
@@ -56,7 +51,9 @@ def add_inspect_command(subparsers: Any) -> None:
     """Register `inspect` and its views on the `moduleserve` sub-command parsers."""
     text = "show a model version's module tree, tensors, values or diff against another"
     inspect = subparsers.add_parser("inspect", help=text, description=text)
-    inspect.add_argument("model", metavar="MODEL[:VERSION]", help="version number or alias")
+    inspect.add_argument(
+        "model", metavar="MODEL[:VERSION]", help="model name, then :VERSION or :ALIAS"
+    )
     handlers = {"tree": cmd_tree, "tensors": cmd_tensors, "tensor": cmd_tensor, "diff": cmd_diff}
     tensor = add_views(inspect, handlers)["tensor"]
     tensor.add_argument("--out", type=Path, metavar="FILE.npy", help="also save the values")
@@ -76,7 +73,9 @@ def add_views(
     def view(name: str, func: Callable[..., int], help_text: str) -> argparse.ArgumentParser:
         sub: argparse.ArgumentParser = views.add_parser(name, help=help_text, description=help_text)
         # SUPPRESS: absent here leaves the global --json as it was.
-        sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+        sub.add_argument(
+            "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON for scripts"
+        )
         sub.set_defaults(func=func)
         parsers[name] = sub
         return sub

@@ -28,6 +28,7 @@ import numpy as np
 from client.client import translate_errors
 from client.pb import moduleserve_v1_pb2 as pb
 from client.pb import moduleserve_v1_pb2_grpc as pb_grpc
+from client.tables import ToDict
 
 TensorKind = Literal["parameter", "buffer", ""]
 KindFilter = Literal["all", "parameters", "buffers"]
@@ -66,15 +67,8 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
 }
 
 
-class _ToDict:
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as plain data, ready for JSON."""
-        data: dict[str, Any] = dataclasses.asdict(self)  # type: ignore[call-overload]  # mixin
-        return data
-
-
 @dataclass(frozen=True)
-class ModelVersion(_ToDict):
+class ModelVersion(ToDict):
     """The version a model reference resolved to; `loaded`: figures are from the served module."""
 
     model: str
@@ -87,7 +81,7 @@ class ModelVersion(_ToDict):
 
 
 @dataclass(frozen=True)
-class ModuleNode(_ToDict):
+class ModuleNode(ToDict):
     """One submodule with the parameter counts of its subtree."""
 
     name: str  # qualified name, "" for the root
@@ -101,7 +95,7 @@ class ModuleNode(_ToDict):
 
 
 @dataclass(frozen=True)
-class Totals(_ToDict):
+class Totals(ToDict):
     """Whole-module counts; a tensor registered under several names counts once."""
 
     parameters: int
@@ -115,7 +109,7 @@ class Totals(_ToDict):
 
 
 @dataclass(frozen=True)
-class ModuleTree(_ToDict):
+class ModuleTree(ToDict):
     """The module tree of a version; `text` renders it like `print(model)`, with counts."""
 
     model: ModelVersion
@@ -125,7 +119,7 @@ class ModuleTree(_ToDict):
 
 
 @dataclass(frozen=True)
-class TensorStats(_ToDict):
+class TensorStats(ToDict):
     """Float64 statistics; mean, std, min, max and norm cover the finite values only."""
 
     mean: float | None
@@ -140,7 +134,7 @@ class TensorStats(_ToDict):
 
 
 @dataclass(frozen=True)
-class TensorSummary(_ToDict):
+class TensorSummary(ToDict):
     """A parameter or buffer; `stats` is None for empty, complex or unreadable tensors."""
 
     name: str
@@ -155,7 +149,7 @@ class TensorSummary(_ToDict):
 
 
 @dataclass(frozen=True)
-class TensorListing(_ToDict):
+class TensorListing(ToDict):
     """The tensors ListTensors selected, with the whole module's totals."""
 
     model: ModelVersion
@@ -164,7 +158,7 @@ class TensorListing(_ToDict):
 
 
 @dataclass(frozen=True)
-class DiffMetrics(_ToDict):
+class DiffMetrics(ToDict):
     """How one tensor changed; norms and max cover positions finite on both sides."""
 
     changed_elements: int
@@ -176,7 +170,7 @@ class DiffMetrics(_ToDict):
 
 
 @dataclass(frozen=True)
-class TensorDiff(_ToDict):
+class TensorDiff(ToDict):
     """One key in both versions; `metrics` is None on a shape or dtype mismatch."""
 
     name: str
@@ -192,7 +186,7 @@ class TensorDiff(_ToDict):
 
 
 @dataclass(frozen=True)
-class VersionDiff(_ToDict):
+class VersionDiff(ToDict):
     """Per-key differences of `other` against `base`, with summary counts."""
 
     base: ModelVersion

@@ -16,7 +16,6 @@ only when a torch tensor is uploaded.
 from __future__ import annotations
 
 import builtins
-import dataclasses
 import getpass
 import socket
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
@@ -29,6 +28,7 @@ import numpy as np
 from client.client import translate_errors
 from client.pb import moduleserve_v1_pb2 as pb
 from client.pb import moduleserve_v1_pb2_grpc as pb_grpc
+from client.tables import ToDict
 
 Metadata = Sequence[tuple[str, str]]
 
@@ -57,15 +57,8 @@ WIRE_DTYPES: dict[np.dtype, str] = {np.dtype(name): name for name in WIRE_NAMES}
 DEFAULT_CHUNK_BYTES = 512 * 1024
 
 
-class _ToDict:
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as plain data, ready for JSON."""
-        data: dict[str, Any] = dataclasses.asdict(self)  # type: ignore[call-overload]  # mixin
-        return data
-
-
 @dataclass(frozen=True)
-class EpochInfo(_ToDict):
+class EpochInfo(ToDict):
     """What one epoch left behind; `checkpoint`: PromoteJob can register it."""
 
     epoch: int
@@ -76,7 +69,7 @@ class EpochInfo(_ToDict):
 
 
 @dataclass(frozen=True)
-class JobEventInfo(_ToDict):
+class JobEventInfo(ToDict):
     """One stored job event; `kind` is "state", "progress", "epoch" or "log"."""
 
     job_id: str
@@ -98,7 +91,7 @@ class JobEventInfo(_ToDict):
 
 
 @dataclass(frozen=True)
-class JobInfo(_ToDict):
+class JobInfo(ToDict):
     """A fine-tuning job; times are Unix seconds, None while not reached."""
 
     id: str
@@ -125,7 +118,7 @@ class JobInfo(_ToDict):
 
 
 @dataclass(frozen=True)
-class DatasetInfo(_ToDict):
+class DatasetInfo(ToDict):
     """A registered dataset; `tensors` maps each name to {"dtype": ..., "shape": [...]}."""
 
     name: str

@@ -73,6 +73,7 @@ DETACHED = (
     "'moduleserve jobs cancel {id}' stops it"
 )
 EXIT_INTERRUPTED = 130
+JOB_HELP = "job id, as finetune and jobs list print it"
 
 
 def add_jobs_commands(commands: Any) -> None:
@@ -94,7 +95,9 @@ def _leaf(group: Any, name: str, func: Handler, text: str) -> argparse.ArgumentP
 
 def _add_finetune(commands: Any) -> None:
     finetune = _leaf(commands, "finetune", cmd_finetune, "fine-tune a model version on a dataset")
-    finetune.add_argument("model", metavar="MODEL[:VERSION|:ALIAS]")
+    finetune.add_argument(
+        "model", metavar="MODEL[:VERSION|:ALIAS]", help="the version to start from"
+    )
     finetune.add_argument("--dataset", required=True, metavar="NAME", help="registered dataset")
     for flag, dest, kind, choices, text in HYPERPARAMETER_OPTIONS:
         metavar = None if choices else {int: "N", float: "X"}.get(kind)
@@ -117,13 +120,17 @@ def _add_jobs(commands: Any) -> None:
     listing.add_argument("--state", action="append", choices=sorted(STATES_BY_NAME), default=[])
     listing.add_argument("--limit", type=int, default=0, help="at most N (server default 100)")
     show = _leaf(jobs, "show", cmd_jobs_show, "a job's details, epochs and loss curves")
-    show.add_argument("job")
+    show.add_argument("job", help=JOB_HELP)
     show.add_argument("--plot", type=Path, metavar="FILE.png", help="also write the curves")
-    _leaf(jobs, "watch", cmd_jobs_watch, "follow a job until it ends").add_argument("job")
-    _leaf(jobs, "cancel", cmd_jobs_cancel, "ask a job to stop").add_argument("job")
-    _leaf(jobs, "logs", cmd_jobs_logs, "every stored event of a job").add_argument("job")
+    _leaf(jobs, "watch", cmd_jobs_watch, "follow a job until it ends").add_argument(
+        "job", help=JOB_HELP
+    )
+    _leaf(jobs, "cancel", cmd_jobs_cancel, "ask a job to stop").add_argument("job", help=JOB_HELP)
+    _leaf(jobs, "logs", cmd_jobs_logs, "every stored event of a job").add_argument(
+        "job", help=JOB_HELP
+    )
     promote = _leaf(jobs, "promote", cmd_jobs_promote, "register a kept epoch's checkpoint")
-    promote.add_argument("job")
+    promote.add_argument("job", help=JOB_HELP)
     promote.add_argument("--epoch", type=int, default=0, help="default: best, else last")
     promote.add_argument("--alias", default="", help="point this alias at the new version")
 
@@ -133,7 +140,7 @@ def _add_datasets(commands: Any) -> None:
     group = commands.add_parser("datasets", help=text, description=text)
     datasets = group.add_subparsers(required=True, metavar="COMMAND")
     upload = _leaf(datasets, "upload", cmd_datasets_upload, "upload named tensors as a dataset")
-    upload.add_argument("name")
+    upload.add_argument("name", help="the dataset's name, used by finetune --dataset")
     upload.add_argument("file", type=Path, metavar="FILE", help=".npz (named) or .npy (one)")
     upload.add_argument("--description", default="")
     _leaf(datasets, "list", cmd_datasets_list, "every registered dataset")

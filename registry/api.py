@@ -15,7 +15,7 @@ from registry.config import RegistrySettings
 from registry.datasets import Datasets
 from registry.db import Database, check_schema, migrate
 from registry.entities import BlobProblem, Dataset, ModuleClass, Version
-from registry.errors import InvalidInputError, JobStateError, ModelNotFoundError
+from registry.errors import InvalidInputError, JobStateError, ModelNotFoundError, shorten
 from registry.jobs import Jobs
 from registry.names import check_alias, check_name
 from registry.uploads import DatasetUpload, DeclaredTensor
@@ -26,6 +26,12 @@ from registry.uploads import DatasetUpload, DeclaredTensor
 if TYPE_CHECKING:
     import torch
     from torch import nn
+
+
+# How far a pushed file's compressed entries may inflate, in multiples of what the class
+# holds: a float64 file for a float32 class is twice its size, and a training checkpoint
+# read with `key` also holds the optimizer's state (Adam keeps two more copies).
+INFLATE_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,7 @@ class Registry:
         self.settings = settings
         self.db = Database(settings.database_url(), settings.busy_timeout_ms)
         self.blobs = BlobStore(settings.store)
-        self.classes = ClassCatalog(self.db, settings.allowed_class_prefixes)
+        self.classes = ClassCatalog(self.db, settings.allowed_prefixes(), settings.class_path)
         self.checkpoints = Checkpoints(self.db, settings.default_alias)
         self.datasets = Datasets(self.db)
         self.jobs = Jobs(self.db, self.checkpoints)
@@ -92,12 +98,13 @@ class Registry:
         in between leaves at most an unreferenced blob (removed by `gc`), never a row
         pointing at a missing or partial file.
         """
-        from registry.formats import encode_tensors
+        from registry.formats import check_tensors, encode_tensors
         from registry.loading import check_fits
 
         module_class = self.classes.get(class_name or self._class_of(model))
         skeleton = self.classes.build(module_class, device="meta")
         check_fits(module_class.name, skeleton.state_dict(), tensors)
+        check_tensors(tensors, "state_dict")
         data = encode_tensors(tensors)
         digest = self.blobs.put(data)
         return self.checkpoints.add_version(
@@ -114,12 +121,32 @@ class Registry:
             actor=actor or default_actor(),
         )
 
-    def push_file(self, model: str, path: Path, **options: Any) -> Version:
-        """`push` from a .safetensors or a `.pt/.pth` state_dict file (no pickle code runs)."""
+    def push_file(
+        self, model: str, path: Path, *, key: str | None = None, **options: Any
+    ) -> Version:
+        """`push` from a .safetensors, .npz or `.pt/.pth` file (no pickle code runs).
+
+        `key` takes the state_dict out of a dict checkpoint such as
+        `{"model": state_dict, "optimizer": ...}`. The file is checked against the class
+        before its tensors are read: compressed entries may inflate to at most
+        `INFLATE_FACTOR` times what the class holds, and every key, shape and dtype must fit.
+        """
         from registry.formats import read_tensor_file
+        from registry.loading import check_fits, state_nbytes
+        from registry.torchfiles import SizeLimit
 
         check_name("model", model)
-        return self.push(model, read_tensor_file(Path(path)), **options)
+        path = Path(path)
+        module_class = self.classes.get(options.get("class_name") or self._class_of(model))
+        expected = self.classes.build(module_class, device="meta").state_dict()
+        limit = SizeLimit(
+            INFLATE_FACTOR * state_nbytes(expected) + 2**20,
+            f"that class {module_class.name!r} could use",
+        )
+        tensors = read_tensor_file(path, limit=limit, key=key)
+        # Checked here too so that the refusal names the file (push checks it again, cheaply).
+        check_fits(module_class.name, expected, tensors, source=shorten(path.name))
+        return self.push(model, tensors, **options)
 
     def _class_of(self, model: str) -> str:
         try:
@@ -173,6 +200,8 @@ class Registry:
         suffix = path.suffix.lower()
         if suffix not in (".safetensors", ".pth", ".pt"):
             raise InvalidInputError(f"cannot export to {path.name}: use .safetensors or .pth")
+        if not path.parent.is_dir():
+            raise InvalidInputError(f"cannot export to {path}: folder {path.parent} does not exist")
         data = self.blobs.read(version.digest)
         if suffix == ".safetensors":
             path.write_bytes(data)
@@ -201,12 +230,14 @@ class Registry:
     def push_dataset_file(self, name: str, path: Path, description: str = "") -> Dataset:
         """`push_dataset` from a .safetensors, .pt or .npz file."""
         from registry.formats import DATASET_SUFFIXES, read_tensor_file
+        from registry.torchfiles import SizeLimit
 
         check_name("dataset", name)
         path = Path(path)
         if path.suffix.lower() not in DATASET_SUFFIXES:
             raise InvalidInputError(f"cannot read {path.name}: use {', '.join(DATASET_SUFFIXES)}")
-        return self.push_dataset(name, read_tensor_file(path), description)
+        limit = SizeLimit(int(self.settings.max_upload_mb * 2**20), "allowed (max_upload_mb)")
+        return self.push_dataset(name, read_tensor_file(path, limit=limit), description)
 
     def load_dataset(self, name: str) -> dict[str, torch.Tensor]:
         """A dataset's tensors, verified against the digest."""

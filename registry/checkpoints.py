@@ -14,13 +14,12 @@ from registry.errors import (
     AliasConflictError,
     ClassMismatchError,
     ClassNotFoundError,
-    InvalidInputError,
     ModelNotFoundError,
     VersionInUseError,
     VersionNotFoundError,
     WriteConflictError,
 )
-from registry.names import check_alias, check_name
+from registry.names import check_alias, check_name, check_version, parse_ref
 from registry.orm import AliasEventRow, AliasRow, ModelRow, ModuleClassRow, VersionRow, utcnow
 
 
@@ -304,13 +303,13 @@ class Checkpoints:
             return _version(session, model_row, self._resolve_row(session, model_row, ref))
 
     def _resolve_row(self, session: Session, model_row: ModelRow, ref: str | int) -> VersionRow:
-        text = str(ref)
-        if text.isdigit():
-            return _version_row(session, model_row, model_row.name, int(text))
-        if text:
-            row = _alias_target(session, model_row, text)
+        parsed = parse_ref(ref)
+        if isinstance(parsed, int):
+            return _version_row(session, model_row, model_row.name, parsed)
+        if parsed:
+            row = _alias_target(session, model_row, parsed)
             if row is None:
-                raise VersionNotFoundError(model_row.name, text)
+                raise VersionNotFoundError(model_row.name, parsed)
             return row
         row = _alias_target(session, model_row, self.default_alias)
         if row is None:
@@ -330,10 +329,36 @@ class Checkpoints:
             return _model(session, _model_row(session, model))
 
     def list_models(self) -> list[Model]:
-        """Every model, by name."""
+        """Every model with its versions and aliases, by name, in three queries whatever
+        the number of models (RepositoryIndex and `models` list them all)."""
         with self._db.read() as session:
-            rows = session.scalars(sa.select(ModelRow).order_by(ModelRow.name))
-            return [_model(session, row) for row in rows]
+            models = session.execute(
+                sa.select(ModelRow.id, ModelRow.name, ModelRow.created_at, ModuleClassRow.name)
+                .outerjoin(ModuleClassRow, ModuleClassRow.id == ModelRow.class_id)
+                .order_by(ModelRow.name)
+            ).all()
+            versions: dict[int, list[int]] = {}
+            for model_id, number in session.execute(
+                sa.select(VersionRow.model_id, VersionRow.version).order_by(VersionRow.version)
+            ):
+                versions.setdefault(model_id, []).append(number)
+            aliases: dict[int, dict[str, int]] = {}
+            for model_id, alias, number in session.execute(
+                sa.select(AliasRow.model_id, AliasRow.name, VersionRow.version)
+                .join(VersionRow, VersionRow.id == AliasRow.version_id)
+                .order_by(AliasRow.name)
+            ):
+                aliases.setdefault(model_id, {})[alias] = number
+        return [
+            Model(
+                name=name,
+                class_name=class_name or "",
+                versions=tuple(versions.get(model_id, ())),
+                aliases=aliases.get(model_id, {}),
+                created_at=created_at,
+            )
+            for model_id, name, created_at, class_name in models
+        ]
 
     def list_versions(self, model: str) -> list[Version]:
         """Every version of a model, oldest first."""
@@ -371,16 +396,15 @@ class Checkpoints:
 
 
 def _model_row(session: Session, model: str) -> ModelRow:
+    check_name("model", model)  # before the query: a 10 kB name is refused, not looked up
     row = session.scalar(sa.select(ModelRow).where(ModelRow.name == model))
     if row is None:
-        check_name("model", model)
         raise ModelNotFoundError(model)
     return row
 
 
 def _version_row(session: Session, model_row: ModelRow, model: str, version: int) -> VersionRow:
-    if version < 1:
-        raise InvalidInputError(f"invalid version {version}: versions are whole numbers from 1")
+    check_version(version)  # past the column's range the database would raise, not refuse
     row = session.scalar(
         sa.select(VersionRow).where(
             VersionRow.model_id == model_row.id, VersionRow.version == version

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -58,20 +60,38 @@ def check_allowed(import_path: str, allowed: Sequence[str]) -> tuple[str, str]:
     return module_name, qualname
 
 
-def import_class(import_path: str, allowed: Sequence[str]) -> type[nn.Module]:
-    """Import a Module class, refusing paths outside the allowed prefixes before importing."""
+def import_class(
+    import_path: str, allowed: Sequence[str], class_path: Sequence[Path] = ()
+) -> type[nn.Module]:
+    """Import a Module class, refusing paths outside the allowed prefixes before importing;
+    folders in `class_path` are searched first."""
     from torch import nn
 
     module_name, qualname = check_allowed(import_path, allowed)
+    _extend_sys_path(class_path)
     try:
         target: Any = importlib.import_module(module_name)
         for part in qualname.split("."):
             target = getattr(target, part)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not module_name.startswith(exc.name):
+            raise ClassBuildError(f"cannot import {import_path!r}: {exc}") from exc
+        raise ClassBuildError(
+            f"cannot import {exc.name!r} (for {import_path!r}): add the folder that holds it "
+            "with --class-path (MODULESERVE_CLASS_PATH, or class_path in moduleserve.toml), "
+            "or install it"
+        ) from exc
     except (ImportError, AttributeError) as exc:
         raise ClassBuildError(f"cannot import {import_path!r}: {exc}") from exc
     if not (inspect.isclass(target) and issubclass(target, nn.Module)):
         raise ClassBuildError(f"{import_path!r} is not an nn.Module subclass")
     return target
+
+
+def _extend_sys_path(folders: Sequence[Path]) -> None:
+    for folder in reversed([str(Path(f).resolve()) for f in folders]):
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
 
 
 def build_module(
@@ -119,9 +139,12 @@ def infer_outputs(module: nn.Module, inputs: Sequence[TensorSpec]) -> tuple[Tens
 class ClassCatalog:
     """Registered Module classes, stored in the database."""
 
-    def __init__(self, db: Database, allowed_prefixes: Sequence[str]) -> None:
+    def __init__(
+        self, db: Database, allowed_prefixes: Sequence[str], class_path: Sequence[Path] = ()
+    ) -> None:
         self._db = db
         self.allowed_prefixes = list(allowed_prefixes)
+        self.class_path = list(class_path)
 
     def register(
         self,
@@ -136,7 +159,7 @@ class ClassCatalog:
         if not inputs:
             raise InvalidInputError("a class needs at least one input spec (name:dtype:shape)")
         kwargs = dict(kwargs or {})
-        cls = import_class(import_path, self.allowed_prefixes)
+        cls = import_class(import_path, self.allowed_prefixes, self.class_path)
         module = build_module(cls, kwargs, device="meta")
         _check_forward_params(cls, module, inputs)
         outputs = infer_outputs(module, inputs)
@@ -170,7 +193,7 @@ class ClassCatalog:
 
     def build(self, module_class: ModuleClass, device: str | torch.device = "cpu") -> nn.Module:
         """Import (prefix-checked again: settings may have narrowed) and construct the class."""
-        cls = import_class(module_class.import_path, self.allowed_prefixes)
+        cls = import_class(module_class.import_path, self.allowed_prefixes, self.class_path)
         return build_module(cls, module_class.kwargs, device)
 
 

@@ -10,6 +10,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from client.tables import os_error_code, print_error, run_main, version_text
+from registry import errors
 from registry.api import Registry
 from registry.commands import (
     cmd_alias_history,
@@ -37,10 +39,38 @@ from registry.errors import RegistryError
 from registry.inspect_cli import add_inspect_command
 
 Handler = Callable[[Registry, argparse.Namespace], int]
+REF_HELP = "model name, then :VERSION or :ALIAS (default: the default alias, else the latest)"
+
+# The status name of each registry error in JSON error objects: the one the server sends
+# for it (server/status.py STATUS_FOR; a test keeps the two in step). Most specific first.
+CODE_FOR: tuple[tuple[type[RegistryError], str], ...] = (
+    (errors.NotFoundError, "NOT_FOUND"),
+    (errors.AlreadyExistsError, "ALREADY_EXISTS"),
+    (errors.InvalidInputError, "INVALID_ARGUMENT"),
+    (errors.AliasConflictError, "ABORTED"),
+    (errors.WriteConflictError, "ABORTED"),
+    (errors.ConflictError, "FAILED_PRECONDITION"),
+    (errors.StateDictMismatchError, "FAILED_PRECONDITION"),
+    (errors.SchemaOutdatedError, "FAILED_PRECONDITION"),
+    (errors.ClassNotAllowedError, "PERMISSION_DENIED"),
+    (errors.IntegrityError, "DATA_LOSS"),
+    (errors.RegistryUnavailableError, "UNAVAILABLE"),
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; 0 on success, 1 on failure, 2 on usage errors."""
+    """Run one command: 0 on success, 1 on failure, 2 on usage errors, 141 when stdout closed."""
+    return run_main(lambda: _run(argv))
+
+
+def error_code(exc: Exception) -> str:
+    """The status name of an expected failure, for JSON error objects."""
+    if isinstance(exc, OSError):
+        return os_error_code(exc)
+    return next((code for cls, code in CODE_FOR if isinstance(exc, cls)), "UNKNOWN")
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -51,16 +81,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         registry = Registry(_settings(args))
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(str(exc), "INVALID_ARGUMENT", as_json=args.json)
         return 2
     try:
         if args.func is not cmd_init:
             registry.check_schema()
         return int(args.func(registry, args))
+    except BrokenPipeError:
+        raise  # stdout's reader left (`| head`): run_main ends quietly
     except (RegistryError, OSError) as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(str(exc), error_code(exc), as_json=args.json)
         return 1
     finally:
         registry.close()
@@ -74,6 +106,8 @@ def _settings(args: argparse.Namespace) -> RegistrySettings:
         overrides["store"] = Path(args.store)
     if args.allow_prefix:
         overrides["allowed_class_prefixes"] = args.allow_prefix
+    if args.class_path:
+        overrides["class_path"] = [Path(p) for p in args.class_path]
     return RegistrySettings(**overrides)
 
 
@@ -85,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moduleserve-registry", description="Administer a moduleserve registry."
     )
+    parser.add_argument("--version", action="version", version=version_text())
     parser.add_argument(
         "--db",
         help="database URL (env MODULESERVE_DB; default: sqlite file registry.db beside the store)",
@@ -96,10 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-prefix",
         action="append",
         metavar="PACKAGE",
-        help="package whose classes may be registered (repeatable; env "
+        help="package whose classes may be registered, besides registry.demo (repeatable; env "
         "MODULESERVE_ALLOWED_CLASS_PREFIXES as a JSON list)",
     )
-    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    parser.add_argument(
+        "--class-path",
+        action="append",
+        metavar="DIR",
+        help="folder to import your classes' package from (repeatable; env "
+        "MODULESERVE_CLASS_PATH as a JSON list)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print JSON for scripts (also after the command)"
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
@@ -122,6 +166,10 @@ def _command(
     help_text: str,
 ) -> argparse.ArgumentParser:
     sub = commands.add_parser(name, help=help_text, description=help_text)
+    # SUPPRESS: absent here leaves the global --json as it was.
+    sub.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON for scripts"
+    )
     sub.set_defaults(func=func)
     return sub
 
@@ -131,8 +179,10 @@ def _add_class_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         required=True, metavar="COMMAND"
     )
     register = _command(classes, "register", cmd_classes_register, "register a Module class")
-    register.add_argument("name")
-    register.add_argument("import_path", metavar="package.module:Class")
+    register.add_argument("name", help="the class's name in the catalog, used by push --class")
+    register.add_argument(
+        "import_path", metavar="package.module:Class", help="where to import the class from"
+    )
     register.add_argument("--kwargs", default="{}", help="constructor kwargs as JSON")
     register.add_argument(
         "--input",
@@ -143,33 +193,43 @@ def _add_class_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     )
     register.add_argument("--description", default="")
     _command(classes, "list", cmd_classes_list, "list registered classes")
-    _command(classes, "show", cmd_classes_show, "show one class").add_argument("name")
+    _command(classes, "show", cmd_classes_show, "show one class").add_argument(
+        "name", help="a registered class name"
+    )
 
 
 def _add_checkpoint_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     push = _command(commands, "push", cmd_push, "push a checkpoint as a new version")
-    push.add_argument("model")
-    push.add_argument("file", help=".safetensors, or .pt/.pth from torch.save(state_dict)")
+    push.add_argument("model", help="model name (created on its first push)")
+    push.add_argument(
+        "file", help=".safetensors, .npz, or .pt/.pth from torch.save(model.state_dict())"
+    )
     push.add_argument("--class", dest="class_name", help="class name (required on first push)")
     push.add_argument("--alias", help="point this alias at the new version")
     push.add_argument("--tag", action="append", metavar="KEY=VALUE")
     push.add_argument("--description", default="")
     push.add_argument("--parent", type=int, help="version this one was derived from")
+    push.add_argument(
+        "--key",
+        metavar="NAME",
+        help="take the state_dict stored under NAME in a dict checkpoint, e.g. --key model "
+        "for torch.save({'model': model.state_dict(), 'optimizer': ...})",
+    )
     listing = _command(commands, "list", cmd_list, "list models, or one model's versions")
-    listing.add_argument("model", nargs="?")
+    listing.add_argument("model", nargs="?", help="list this model's versions")
     _command(commands, "show", cmd_show, "show a version").add_argument(
-        "ref", metavar="MODEL[:VERSION|:ALIAS]"
+        "ref", metavar="MODEL[:VERSION|:ALIAS]", help=REF_HELP
     )
     tag = _command(commands, "tag", cmd_tag, "set or remove tags on a version")
-    tag.add_argument("ref", metavar="MODEL[:VERSION|:ALIAS]")
-    tag.add_argument("pairs", nargs="*", metavar="KEY=VALUE")
+    tag.add_argument("ref", metavar="MODEL[:VERSION|:ALIAS]", help=REF_HELP)
+    tag.add_argument("pairs", nargs="*", metavar="KEY=VALUE", help="tags to set")
     tag.add_argument("--remove", action="append", default=[], metavar="KEY")
     delete = _command(commands, "delete", cmd_delete, "delete a version")
-    delete.add_argument("ref", metavar="MODEL:VERSION")
+    delete.add_argument("ref", metavar="MODEL:VERSION", help="the version to delete")
     delete.add_argument("--force", action="store_true", help="also remove aliases pointing at it")
     export = _command(commands, "export", cmd_export, "write a version to .pth or .safetensors")
-    export.add_argument("ref", metavar="MODEL[:VERSION|:ALIAS]")
-    export.add_argument("file")
+    export.add_argument("ref", metavar="MODEL[:VERSION|:ALIAS]", help=REF_HELP)
+    export.add_argument("file", help="output .pth or .safetensors (the suffix picks)")
 
 
 def _add_alias_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -177,12 +237,12 @@ def _add_alias_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         required=True, metavar="COMMAND"
     )
     set_ = _command(alias, "set", cmd_alias_set, "point an alias at a version")
-    set_.add_argument("model")
-    set_.add_argument("alias")
-    set_.add_argument("version")
+    set_.add_argument("model", help="model name")
+    set_.add_argument("alias", help="alias name, e.g. production")
+    set_.add_argument("version", help="version number the alias points at")
     unset = _command(alias, "unset", cmd_alias_unset, "remove an alias")
-    unset.add_argument("model")
-    unset.add_argument("alias")
+    unset.add_argument("model", help="model name")
+    unset.add_argument("alias", help="alias name")
     for sub in (set_, unset):
         sub.add_argument(
             "--expect",
@@ -190,8 +250,8 @@ def _add_alias_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
             help="only if the alias still points at VERSION (none: unset)",
         )
     history = _command(alias, "history", cmd_alias_history, "show alias moves")
-    history.add_argument("model")
-    history.add_argument("alias", nargs="?")
+    history.add_argument("model", help="model name")
+    history.add_argument("alias", nargs="?", help="only this alias's moves")
 
 
 def _add_maintenance_commands(
@@ -214,8 +274,10 @@ def _add_dataset_commands(commands: argparse._SubParsersAction[argparse.Argument
         required=True, metavar="COMMAND"
     )
     push = _command(datasets, "push", cmd_datasets_push, "push named tensors as a dataset")
-    push.add_argument("name")
+    push.add_argument("name", help="dataset name, used by finetune --dataset")
     push.add_argument("file", help=".safetensors, .pt or .npz with tensors such as inputs, targets")
     push.add_argument("--description", default="")
     _command(datasets, "list", cmd_datasets_list, "list datasets")
-    _command(datasets, "show", cmd_datasets_show, "show a dataset").add_argument("name")
+    _command(datasets, "show", cmd_datasets_show, "show a dataset").add_argument(
+        "name", help="dataset name"
+    )

@@ -106,6 +106,7 @@ def cmd_push(registry: Registry, args: argparse.Namespace) -> int:
         tags=_pairs(args.tag),
         description=args.description,
         parent=args.parent,
+        key=args.key,
         actor=actor(),
     )
     emit(args, version.to_dict(), f"{version.model}:{version.version}")

@@ -18,7 +18,12 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from registry.errors import RegistryUnavailableError, SchemaOutdatedError, WriteConflictError
+from registry.errors import (
+    RegistryMissingError,
+    RegistryUnavailableError,
+    SchemaOutdatedError,
+    WriteConflictError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +36,7 @@ def make_engine(url: str, busy_timeout_ms: int = 30_000) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         return sa.create_engine(url, pool_pre_ping=True)
-    if parsed.database and parsed.database != ":memory:":
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    # No folder is made here: only `migrate` (moduleserve-registry init) creates a registry.
     engine = sa.create_engine(url, connect_args={"check_same_thread": False})
 
     @sa.event.listens_for(engine, "connect")
@@ -83,6 +87,13 @@ class Database:
         """Close pooled connections."""
         self.engine.dispose()
 
+    def sqlite_file(self) -> Path | None:
+        """The SQLite database file, or None (PostgreSQL, in-memory SQLite)."""
+        database = self.engine.url.database
+        if not self.is_sqlite or not database or database == ":memory:":
+            return None
+        return Path(database).resolve()
+
 
 @contextlib.contextmanager
 def wrap_db_errors() -> Iterator[None]:
@@ -129,6 +140,9 @@ def migrate(db: Database) -> tuple[str | None, str]:
 
     Returns (revision before, revision after).
     """
+    sqlite_file = db.sqlite_file()
+    if sqlite_file is not None:
+        sqlite_file.parent.mkdir(parents=True, exist_ok=True)
     with _migration_lock(db), db.engine.connect() as conn:
         before = MigrationContext.configure(conn).get_current_revision()
         command.upgrade(alembic_config(conn), "head")
@@ -141,7 +155,15 @@ def migrate(db: Database) -> tuple[str | None, str]:
 
 
 def check_schema(db: Database) -> None:
-    """Refuse to run on a database whose schema is not at this release's head."""
+    """Refuse to run on a database whose schema is not at this release's head, or on a
+    SQLite file that does not exist (without creating it)."""
+    sqlite_file = db.sqlite_file()
+    if sqlite_file is not None and not sqlite_file.is_file():
+        raise RegistryMissingError(
+            f"there is no registry at {sqlite_file}: `moduleserve-registry init` creates one "
+            "there; to use another, pass --db (or set MODULESERVE_DB, or db in "
+            "moduleserve.toml)"
+        )
     current, head = current_revision(db.engine), head_revision()
     if current != head:
         raise SchemaOutdatedError(

@@ -103,9 +103,12 @@ class ClassNotAllowedError(RegistryError):
     """An import path outside the configured allowed prefixes."""
 
     def __init__(self, import_path: str, allowed: Sequence[str]) -> None:
+        package = import_path.partition(":")[0].split(".")[0]
         super().__init__(
             f"import path {import_path!r} is not under an allowed prefix "
-            f"({', '.join(allowed) or 'none configured'})"
+            f"({', '.join(allowed) or 'none configured'}): allow it with --allow-prefix "
+            f"{package} (MODULESERVE_ALLOWED_CLASS_PREFIXES, or allowed_class_prefixes in "
+            "moduleserve.toml)"
         )
 
 
@@ -130,20 +133,29 @@ class StateDictMismatchError(RegistryError):
         missing: Sequence[str],
         unexpected: Sequence[str],
         mismatched: Sequence[tuple[str, list[int], list[int]]],
+        wrong_dtypes: Sequence[tuple[str, str, str]] = (),
+        source: str = "state_dict",
     ) -> None:
         parts = []
         if missing:
-            parts.append(f"missing keys: {', '.join(missing)}")
+            parts.append(f"missing keys: {listing(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys: {', '.join(unexpected)}")
-        for key, expected, got in mismatched:
-            parts.append(f"shape mismatch for {key}: expected {expected}, got {got}")
-        super().__init__(f"state_dict does not fit class {class_name!r}: " + "; ".join(parts))
+            parts.append(f"unexpected keys: {listing(unexpected)}")
+        for key, expected, got in mismatched[:LISTED]:
+            parts.append(f"shape mismatch for {shorten(key)}: expected {expected}, got {got}")
+        if len(mismatched) > LISTED:
+            parts.append(f"and {len(mismatched) - LISTED} more shape mismatches")
+        for key, want, have in wrong_dtypes[:LISTED]:
+            parts.append(f"dtype mismatch for {shorten(key)}: expected {want}, got {have}")
+        if len(wrong_dtypes) > LISTED:
+            parts.append(f"and {len(wrong_dtypes) - LISTED} more dtype mismatches")
+        super().__init__(f"{source} does not fit class {class_name!r}: " + "; ".join(parts))
         self.missing, self.unexpected, self.mismatched = (
             list(missing),
             list(unexpected),
             list(mismatched),
         )
+        self.wrong_dtypes = list(wrong_dtypes)
 
 
 class IntegrityError(RegistryError):
@@ -162,6 +174,10 @@ class SchemaOutdatedError(RegistryError):
     """The database schema is behind this release."""
 
 
+class RegistryMissingError(SchemaOutdatedError):
+    """The registry's SQLite file does not exist (it was never initialised there)."""
+
+
 def _version_text(version: int | None) -> str:
     return "nothing" if version is None else f"version {version}"
 
@@ -176,3 +192,21 @@ class JobNotFoundError(NotFoundError):
 
 class JobStateError(ConflictError):
     """The job's state does not allow the operation (e.g. cancelling a finished job)."""
+
+
+# A hostile file can hold 100k keys or a 1 MB key: messages quote a few, shortened.
+LISTED = 10
+
+
+def shorten(text: object, limit: int = 80) -> str:
+    """`text` on one line, at most `limit` characters (control characters become '?')."""
+    whole = str(text)
+    flat = "".join(c if c.isprintable() else "?" for c in whole[:limit])
+    return flat if len(whole) <= limit else flat[: limit - 1] + "…"
+
+
+def listing(items: Sequence[object], limit: int = LISTED) -> str:
+    """Up to `limit` items, comma-separated and shortened, then "and N more"."""
+    shown = ", ".join(shorten(item) for item in items[:limit])
+    rest = len(items) - limit
+    return f"{shown} and {rest} more" if rest > 0 else shown

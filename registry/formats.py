@@ -7,10 +7,12 @@ the safetensors metadata, so they come back as one tensor under both names.
 from __future__ import annotations
 
 import json
-import pickle
+import math
 import struct
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,74 +20,138 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file as safetensors_load_file
 from safetensors.torch import save as safetensors_save
 
-from registry.errors import CheckpointFormatError, UnsafeCheckpointError
+from registry.errors import CheckpointFormatError, UnsafeCheckpointError, shorten
+from registry.torchfiles import (
+    SizeLimit,
+    check_no_repeated_bytes,
+    read_torch_file,
+    reason,
+    storage_identity,
+    zip_entries,
+)
 
 TIES_KEY = "moduleserve.ties"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 DATASET_SUFFIXES = (".safetensors", ".npz", *PICKLE_SUFFIXES)
+# What safetensors can hold; anything else could not be stored.
+STORABLE_DTYPES = frozenset(
+    {
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.float8_e4m3fn,
+        torch.float8_e5m2,
+        torch.complex64,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.uint16,
+        torch.uint32,
+        torch.uint64,
+        torch.bool,
+    }
+)
 
 
-def read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
-    """Read named tensors from a .safetensors, .pt/.pth or .npz file, never running code."""
+def read_tensor_file(
+    path: Path, *, limit: SizeLimit, key: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Read named tensors from a .safetensors, .pt/.pth or .npz file, never running code.
+
+    Compressed zip entries are inflated only when their declared sizes fit `limit`; `key`
+    takes the state_dict out of a dict checkpoint (.pt/.pth only). Every refusal is one
+    sentence naming the file.
+    """
     path = Path(path)
+    label = shorten(path.name)
     if not path.is_file():
-        raise CheckpointFormatError(f"file {str(path)!r} does not exist")
+        raise CheckpointFormatError(f"file {shorten(str(path))!r} does not exist")
     suffix = path.suffix.lower()
+    if key is not None and suffix not in PICKLE_SUFFIXES:
+        raise CheckpointFormatError(
+            f"{label}: --key picks a state_dict out of a .pt/.pth checkpoint, not a "
+            f"{shorten(suffix)} file"
+        )
     if suffix == ".safetensors":
-        return decode_tensors(path.read_bytes())
+        tensors = _read_safetensors(path, label)
+    elif suffix in PICKLE_SUFFIXES:
+        tensors = read_torch_file(path, label, limit, key)
+    elif suffix == ".npz":
+        tensors = _read_npz(path, label, limit)
+    else:
+        raise CheckpointFormatError(
+            f"{label}: unknown file type {shorten(suffix) or '(none)'}; "
+            "use .safetensors, .pt/.pth (a saved state_dict) or .npz"
+        )
+    check_tensors(tensors, label)
     if suffix in PICKLE_SUFFIXES:
-        return _read_pickle(path)
-    if suffix == ".npz":
-        return _read_npz(path)
-    raise CheckpointFormatError(
-        f"{path.name}: unknown file type {suffix or '(none)'}; "
-        "use .safetensors, .pt/.pth (a saved state_dict) or .npz"
-    )
+        check_no_repeated_bytes(tensors, label)  # only torch.save files keep views
+    return tensors
 
 
-def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+def check_tensors(tensors: Mapping[str, torch.Tensor], label: str) -> None:
+    """Refuse tensors that cannot be stored as they are (sparse, meta, repeated bytes, …)."""
+    for name, tensor in tensors.items():
+        problem = _tensor_problem(tensor)
+        if problem:
+            raise CheckpointFormatError(f"{label}: tensor {shorten(name)!r} {problem}")
+
+
+def _tensor_problem(tensor: torch.Tensor) -> str:
+    if tensor.layout != torch.strided or tensor.is_nested:
+        kind = "nested" if tensor.is_nested else str(tensor.layout).removeprefix("torch.")
+        return f"is {kind}, not dense; save tensor.to_dense() or a plain tensor instead"
+    if tensor.is_quantized:
+        return "is quantized; save tensor.dequantize() instead"
+    if tensor.is_meta:
+        return "is a meta tensor and holds no data"
+    if tensor.dtype not in STORABLE_DTYPES:
+        return f"has dtype {dtype_name(tensor.dtype)}, which cannot be stored"
+    if math.prod(d for d in tensor.shape if d) >= 2**63:
+        return f"has shape {shorten(list(tensor.shape))}, whose size overflows int64"
+    need = tensor.numel() * tensor.element_size()
+    have = tensor.untyped_storage().nbytes() - tensor.storage_offset() * tensor.element_size()
+    if need > have:
+        # e.g. torch.zeros(1).expand(8192, 8192): 4 bytes in the file, 256 MiB once stored.
+        return (
+            f"has shape {shorten(list(tensor.shape))} but only {max(have, 0)} bytes of data "
+            "(a zero-stride or overlapping view, e.g. from expand()); save tensor.contiguous()"
+        )
+    return ""
+
+
+def _read_safetensors(path: Path, label: str) -> dict[str, torch.Tensor]:
     try:
-        # weights_only: only tensors and plain containers; anything else is refused.
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise UnsafeCheckpointError(
-            f"{path.name} was refused: its pickle asks for more than tensors and plain "
-            f"containers, and nothing in it was run ({_refusal_reason(exc)})"
-        ) from exc
-    except (RuntimeError, EOFError, ValueError) as exc:
-        raise CheckpointFormatError(f"{path.name} is not a readable torch file ({exc})") from exc
-    return _as_flat_tensors(loaded, path.name)
+        return decode_tensors(path.read_bytes())
+    except CheckpointFormatError as exc:
+        raise CheckpointFormatError(f"{label} is {exc}") from exc
 
 
-def _read_npz(path: Path) -> dict[str, torch.Tensor]:
+def _read_npz(path: Path, label: str, limit: SizeLimit) -> dict[str, torch.Tensor]:
+    if zip_entries(path, label, limit) is None:
+        raise CheckpointFormatError(f"{label} is not a .npz (zip) file")
     try:
         with np.load(path, allow_pickle=False) as archive:
-            return {name: torch.from_numpy(np.array(archive[name])) for name in archive.files}
+            arrays = {name: np.array(archive[name]) for name in archive.files}
     except ValueError as exc:
-        raise UnsafeCheckpointError(f"{path.name} was refused: {exc}") from exc
-    except OSError as exc:
-        raise CheckpointFormatError(f"{path.name} is not a readable .npz file ({exc})") from exc
+        raise UnsafeCheckpointError(f"{label} was refused: {reason(exc)}") from exc
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise CheckpointFormatError(f"{label} is not a readable .npz file ({reason(exc)})") from exc
+    return {name: _array_to_tensor(name, array, label) for name, array in arrays.items()}
 
 
-def _as_flat_tensors(loaded: object, label: str) -> dict[str, torch.Tensor]:
-    if not isinstance(loaded, Mapping):
+def _array_to_tensor(name: str, array: np.ndarray[Any, Any], label: str) -> torch.Tensor:
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    try:
+        return torch.from_numpy(array)
+    except TypeError as exc:
         raise CheckpointFormatError(
-            f"{label} holds a {type(loaded).__name__}, not a state_dict; "
-            "save it with torch.save(model.state_dict(), path)"
-        )
-    result: dict[str, torch.Tensor] = {}
-    for key, value in loaded.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            hint = (
-                " (a training checkpoint? save model.state_dict() instead)"
-                if isinstance(value, Mapping)
-                else ""
-            )
-            raise CheckpointFormatError(
-                f"{label}: entry {key!r} is a {type(value).__name__}, not a tensor{hint}"
-            )
-        result[key] = value
-    return result
+            f"{label}: array {shorten(name)!r} has dtype {array.dtype}, which is not a tensor dtype"
+        ) from exc
 
 
 def encode_tensors(tensors: Mapping[str, torch.Tensor]) -> bytes:
@@ -97,7 +163,7 @@ def encode_tensors(tensors: Mapping[str, torch.Tensor]) -> bytes:
         tensor = tensors[name].detach()
         if tensor.device.type != "cpu":
             tensor = tensor.cpu()
-        identity = _storage_identity(tensor)
+        identity = storage_identity(tensor)
         if identity in seen:
             ties[name] = seen[identity]
             continue
@@ -164,24 +230,3 @@ def parse_dtype(name: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown dtype {name!r}")
     return dtype
-
-
-def _storage_identity(tensor: torch.Tensor) -> tuple[object, ...]:
-    if tensor.numel() == 0:
-        return (id(tensor),)
-    return (
-        tensor.untyped_storage().data_ptr(),
-        tensor.storage_offset(),
-        tuple(tensor.shape),
-        tuple(tensor.stride()),
-        tensor.dtype,
-    )
-
-
-def _refusal_reason(exc: BaseException) -> str:
-    """The line of torch's message that names what was blocked (it also suggests unsafe fixes)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    for line in lines:
-        if "GLOBAL" in line or "Unsupported" in line:
-            return line.rstrip(".")
-    return "it is not a plain state_dict"

@@ -41,7 +41,11 @@ def add_inspect_command(commands: Any) -> None:
     """Register `inspect` and its views on the `moduleserve-registry` sub-command parsers."""
     text = "show a version's module tree, tensors, values or diff, offline from the registry"
     inspect = commands.add_parser("inspect", help=text, description=text)
-    inspect.add_argument("model", metavar="MODEL[:VERSION|:ALIAS]")
+    inspect.add_argument(
+        "model",
+        metavar="MODEL[:VERSION|:ALIAS]",
+        help="model name, then :VERSION or :ALIAS (default: the default alias, else the latest)",
+    )
     add_views(
         inspect, {"tree": cmd_tree, "tensors": cmd_tensors, "tensor": cmd_tensor, "diff": cmd_diff}
     )

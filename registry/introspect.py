@@ -501,7 +501,10 @@ def _parse_item(text: str, item: str, dim: int, size: int) -> int | slice:
     # torch has no negative steps, and a zero step selects nothing meaningful.
     if step is not None and step <= 0:
         raise InvalidSliceError(text, f"step {step} in {item!r} must be positive")
-    return slice(start, stop, step)
+    # Bounds in exact integers: torch multiplies a huge step into an int64 stride, which
+    # overflows. A step past the size picks the start alone, as the size itself does.
+    first, last, stride = slice(start, stop, step).indices(size)
+    return slice(first, last, min(stride, max(size, 1)))
 
 
 def _parse_int(text: str, part: str) -> int | None:

@@ -9,21 +9,51 @@ import torch
 from torch import nn
 
 from registry.errors import StateDictMismatchError
+from registry.formats import dtype_name
 
 
 def check_fits(
-    class_name: str, expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]
+    class_name: str,
+    expected: Mapping[str, torch.Tensor],
+    given: Mapping[str, torch.Tensor],
+    source: str = "state_dict",
 ) -> None:
-    """Raise StateDictMismatchError naming missing/unexpected keys and shape mismatches."""
+    """Raise StateDictMismatchError naming missing/unexpected keys, shape and dtype mismatches.
+
+    A dtype may differ only within its kind (float64 into a float32 layer is cast at load);
+    bool or complex values in a float layer, or floats in an integer buffer, are refused.
+    """
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
+    common = sorted(set(expected) & set(given))
     mismatched = [
         (key, list(expected[key].shape), list(given[key].shape))
-        for key in sorted(set(expected) & set(given))
+        for key in common
         if tuple(expected[key].shape) != tuple(given[key].shape)
     ]
-    if missing or unexpected or mismatched:
-        raise StateDictMismatchError(class_name, missing, unexpected, mismatched)
+    wrong_dtypes = [
+        (key, dtype_name(expected[key].dtype), dtype_name(given[key].dtype))
+        for key in common
+        if dtype_kind(expected[key].dtype) != dtype_kind(given[key].dtype)
+    ]
+    if missing or unexpected or mismatched or wrong_dtypes:
+        raise StateDictMismatchError(
+            class_name, missing, unexpected, mismatched, wrong_dtypes, source=source
+        )
+
+
+def dtype_kind(dtype: torch.dtype) -> str:
+    """ "bool", "complex", "float" or "integer": a cast within a kind keeps what values mean."""
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "float" if dtype.is_floating_point else "integer"
+
+
+def state_nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    """The bytes a state_dict's tensors hold (meta tensors included: only sizes count)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def load_into(

@@ -12,10 +12,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from client.tables import version_text
 from server.app import serve
 from server.config import BatchingSettings, ServerSettings, settings_error_text
 from server.engine.devices import resolve_device
 from server.logs import configure_logging
+from server.workers import JOIN_FLAG
 
 BATCHING_FLAGS = ("max_batch_size", "max_queue_delay_ms", "preferred_batch_sizes", "max_queue_size")
 
@@ -28,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Every option can also come from MODULESERVE_<OPTION> in the environment.",
     )
     add = p.add_argument
+    add("--version", action="version", version=version_text())
     add("--host", help="listen address (default 127.0.0.1)")
     add("--grpc-port", type=int, help="gRPC port (default 8001; 0 picks a free one)")
     add("--metrics-port", type=int, help="Prometheus port (default 8002; 0 picks a free one)")
@@ -39,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="server processes sharing the port via SO_REUSEPORT (default 1)",
     )
+    # Set by the first process on the workers it starts: the port is their parent's.
+    add(JOIN_FLAG, action="store_true", dest="join_port", help=argparse.SUPPRESS)
     add("--db", help="registry database URL (default: sqlite file beside the store)")
     add("--store", type=Path, help="registry blob store folder (default ./data/store)")
     add(
@@ -46,7 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         dest="allowed_class_prefixes",
         metavar="PACKAGE",
-        help="package whose Module classes may be loaded (repeatable)",
+        help="package whose Module classes may be loaded, besides registry.demo (repeatable)",
+    )
+    add(
+        "--class-path",
+        action="append",
+        type=Path,
+        dest="class_path",
+        metavar="DIR",
+        help="folder to import your classes' package from (repeatable)",
     )
     add("--device", help="auto (default), cpu, cuda or cuda:N")
     add("--dtype", choices=["float32", "float16", "bfloat16"], help="inference precision")
@@ -71,15 +84,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--memory-budget-mb", type=float, help="weights kept loaded (default 4096)")
     add("--preload", action="append", metavar="MODEL[:VERSION]", help="load at start-up")
+    add(
+        "--lazy-load",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="load a model on its first request (default); with --no-lazy-load only "
+        "`moduleserve load` and --preload load models",
+    )
     add("--alias-refresh-s", type=float, help="how often aliases are re-read (default 2)")
-    add("--max-message-mb", type=int, help="gRPC message size limit (default 2048)")
+    add("--max-message-mb", type=int, help="gRPC message size limit (default 64)")
     add("--shutdown-grace-s", type=float, help="time in-flight requests get on SIGTERM")
-    add("--token", action="append", dest="tokens", help="bearer token for mutating RPCs")
+    add(
+        "--token",
+        action="append",
+        dest="tokens",
+        help="bearer token for mutating RPCs (visible in `ps`: prefer --token-file)",
+    )
+    add(
+        "--token-file",
+        type=Path,
+        metavar="PATH",
+        help="file of bearer tokens for mutating RPCs, one per line (# starts a comment)",
+    )
     add(
         "--read-token",
         action="append",
         dest="read_tokens",
         help="bearer token for reading jobs (default: reading needs none)",
+    )
+    add(
+        "--read-token-file",
+        type=Path,
+        metavar="PATH",
+        help="file of bearer tokens for reading jobs, one per line",
     )
     add(
         "--job-workers",
@@ -108,7 +145,7 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
     flags: dict[str, Any] = {
         k: v
         for k, v in vars(args).items()
-        if v is not None and k not in ("port_file", "no_metrics")
+        if v is not None and k not in ("port_file", "no_metrics", "join_port")
     }
     batching = {k: flags.pop(k) for k in BATCHING_FLAGS if k in flags}
     if args.no_metrics:
@@ -150,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_level, settings.log_format)
     try:
-        asyncio.run(serve(settings, args.port_file, args.workers, argv))
+        asyncio.run(serve(settings, args.port_file, args.workers, argv, args.join_port))
     except Exception as exc:  # start-up failures: one sentence, details in the log
         print(f"error: {exc}", file=sys.stderr)
         return 1

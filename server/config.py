@@ -109,14 +109,28 @@ class ServerSettings(JobWorkerSettings):
     alias_refresh_s: float = Field(2.0, gt=0)
     """How often aliases of loaded models are re-read, to pick up moves without a restart."""
 
-    max_message_mb: int = Field(2048, gt=0, le=2048)
-    """gRPC send/receive limit (gRPC's own 4 MiB default is too small for real tensors)."""
+    max_message_mb: int = Field(64, gt=0, le=2048)
+    """gRPC send/receive limit. gRPC's own 4 MiB is too small for real tensors, while each
+    request in flight may hold about this much memory: 64 MiB takes a batch of 32 RGB
+    224x224 FP32 images (19 MiB) three times over; raise it for larger inputs."""
+
+    lazy_load: bool = True
+    """Load a model on its first inference request. Off (--no-lazy-load), only
+    RepositoryModelLoad (`moduleserve load`, which needs a token when tokens are set) and
+    --preload load models, so anonymous requests cannot load or evict any."""
 
     shutdown_grace_s: float = Field(10.0, ge=0)
     """How long in-flight requests may finish after SIGTERM."""
 
     tokens: list[str] = Field(default_factory=list)
     """Bearer tokens accepted for mutating RPCs (load, unload); empty: none required."""
+
+    token_file: Path | None = None
+    """File of more `tokens`, one per line (blank lines and `#` comments skipped): unlike
+    --token, it keeps them out of `ps` and the environment."""
+
+    read_token_file: Path | None = None
+    """File of more `read_tokens`, in the token_file format."""
 
     insecure: bool = False
     """Allow a non-loopback address with no tokens."""
@@ -129,6 +143,11 @@ class ServerSettings(JobWorkerSettings):
 
     @model_validator(mode="after")
     def _check(self) -> ServerSettings:
+        self.tokens = [*self.tokens, *read_token_file(self.token_file, "--token-file")]
+        self.read_tokens = [
+            *self.read_tokens,
+            *read_token_file(self.read_token_file, "--read-token-file"),
+        ]
         if any(not token.strip() for token in [*self.tokens, *self.read_tokens]):
             raise ValueError("tokens must not be empty (an unset variable in --token?)")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -152,10 +171,27 @@ class ServerSettings(JobWorkerSettings):
         return self.model_batching.get(model, self.batching)
 
 
+def read_token_file(path: Path | None, flag: str) -> list[str]:
+    """The tokens in `path` (none when no file is given); ValueError when it has none."""
+    if path is None:
+        return []
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not a text file"
+        raise ValueError(f"cannot read the token file {path} ({flag}): {reason}") from None
+    tokens = [line.strip() for line in lines]
+    tokens = [token for token in tokens if token and not token.startswith("#")]
+    if not tokens:
+        raise ValueError(f"the token file {path} ({flag}) holds no tokens: one per line")
+    return tokens
+
+
 def settings_error_text(exc: Exception) -> str:
     """The first problem of invalid settings as one line (field: message)."""
     if isinstance(exc, ValidationError):
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
-        return f"{where}: {err['msg']}" if where else err["msg"]
+        message = str(err["msg"]).removeprefix("Value error, ")  # pydantic's label, not ours
+        return f"{where}: {message}" if where else message
     return str(exc)

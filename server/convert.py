@@ -31,6 +31,10 @@ warnings.filterwarnings(
 # Below this size a copy costs nothing, and CPython shares 0- and 1-byte bytes
 # objects interpreter-wide, which a view must never alias.
 _ZERO_COPY_MIN_BYTES = 64
+# torch sizes and strides are int64; a shape past this overflows them (INTERNAL, not a sentence).
+MAX_ELEMENTS = 2**63 - 1
+# Far past any model input's rank; it also keeps the shape an error message echoes short.
+MAX_RANK = 64
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,17 @@ def _render(shape: Sequence[int]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
+def _check_shape(name: str, shape: tuple[int, ...]) -> None:
+    """Refuse shapes no tensor can have, in exact integer arithmetic before anything is
+    allocated: torch computes strides from the non-zero sizes even when one size is 0."""
+    if len(shape) > MAX_RANK:
+        raise InvalidInputError(name, f"has {len(shape)} dimensions, more than {MAX_RANK}")
+    if any(d < 0 for d in shape):
+        raise InvalidInputError(name, f"shape {_render(shape)} has a negative dimension")
+    if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
+        raise InvalidInputError(name, f"shape {_render(shape)} is too large for any tensor")
+
+
 def tensor_from_pb(tensor: InferInputTensor, raw: bytes | None) -> torch.Tensor:
     """Decode one request tensor from its raw bytes (when given) or its typed contents.
 
@@ -123,8 +138,7 @@ def tensor_from_pb(tensor: InferInputTensor, raw: bytes | None) -> torch.Tensor:
     name = tensor.name
     row, dtype = _row_for_input(name, tensor.datatype)
     shape = tuple(tensor.shape)
-    if any(d < 0 for d in shape):
-        raise InvalidInputError(name, f"shape {_render(shape)} has a negative dimension")
+    _check_shape(name, shape)
     count = math.prod(shape)
     if raw is None:
         return _from_contents(name, row, shape, count, tensor.contents)

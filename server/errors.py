@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from registry.errors import shorten
+
+# What a sentence quotes of a client-chosen name (model, tensor): enough to recognise it.
+QUOTED_CHARS = 64
+
 
 def _shape(shape: Sequence[int]) -> str:
     """Render a shape the way users write it: [-1, 3, 8, 8]."""
@@ -12,7 +17,8 @@ def _shape(shape: Sequence[int]) -> str:
 
 def _model(model: str, version: str | None) -> str:
     """Render "model 'm'" or "model 'm' version 3"."""
-    return f"model {model!r}" if not version else f"model {model!r} version {version}"
+    quoted = shorten(model, QUOTED_CHARS)
+    return f"model {quoted!r}" if not version else f"model {quoted!r} version {version}"
 
 
 class ServerError(Exception):
@@ -23,7 +29,8 @@ class InvalidInputError(ServerError):
     """A request tensor is malformed; the sentence names the tensor when there is one."""
 
     def __init__(self, tensor: str | None, reason: str) -> None:
-        super().__init__(f"input {tensor!r}: {reason}" if tensor is not None else reason)
+        quoted = shorten(tensor, QUOTED_CHARS) if tensor is not None else None
+        super().__init__(f"input {quoted!r}: {reason}" if quoted is not None else reason)
         self.tensor, self.reason = tensor, reason
 
 
@@ -80,6 +87,14 @@ class ModelLoadingError(ServerError):
     def __init__(self, model: str, version: str | None = None, reason: str = "is loading") -> None:
         super().__init__(f"{_model(model, version)} {reason}")
         self.model, self.version, self.reason = model, version, reason
+
+
+class CheckpointMismatchError(ModelLoadingError):
+    """A version's checkpoint no longer fits its class (the class changed since the push)."""
+
+
+class ModelClassNotAllowedError(ModelLoadingError):
+    """A version's class lies outside the server's allowed class prefixes."""
 
 
 class ModelNotReadyError(ServerError):

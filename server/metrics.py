@@ -1,79 +1,218 @@
-"""Prometheus metrics, read from the engine's own counters at scrape time (no hot-path cost)."""
+"""Prometheus metrics, read from the engine's own counters at scrape time (no hot-path cost),
+served over HTTP from the server's event loop."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import contextlib
+import itertools
+from collections.abc import Iterator, Mapping, Sequence
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.utils import floatToGoString
 
+from server.engine.batcher import DURATION_BUCKETS_S, BatcherStats
 from server.engine.cache import ModelCache
+
+LABELS = ["model", "version"]
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+"""Upper bounds of the batch-size histogram (rows per forward pass)."""
 
 
 class EngineCollector(Collector):
-    """Per loaded model: requests, rows, batches, queue and compute time, batch sizes, memory."""
+    """Per model version served since start: requests, rows, batches, latency, queue and
+    compute time, batch sizes; per loaded version: queue length and memory.
+
+    Names follow Triton's `nv_inference_*` metrics in Prometheus base units (seconds), with
+    Triton's `model` and `version` labels. Counts come from `ModelCache.ledger`, so a version
+    keeps its series, never lower, after an unload or an alias swap.
+    """
 
     def __init__(self, cache: ModelCache) -> None:
         self._cache = cache
 
     def collect(self) -> Iterator[Metric]:
-        """Build the metric families from a snapshot of every batcher's statistics."""
-        labels = ["model", "version"]
-        requests = CounterMetricFamily(
-            "moduleserve_requests", "Inference requests by outcome", labels=[*labels, "outcome"]
-        )
-        rows = CounterMetricFamily("moduleserve_inference_rows", "Rows computed", labels=labels)
-        batches = CounterMetricFamily("moduleserve_batches", "Forward passes", labels=labels)
-        queue = CounterMetricFamily(
-            "moduleserve_queue_seconds", "Time computed requests waited in the queue", labels=labels
-        )
-        latency = CounterMetricFamily(
-            "moduleserve_request_seconds",
-            "Queue + compute time of successful requests",
-            labels=labels,
-        )
-        compute = CounterMetricFamily(
-            "moduleserve_compute_seconds", "Time in forward()", labels=labels
-        )
-        mean_batch = GaugeMetricFamily(
-            "moduleserve_mean_batch_size", "Rows per forward pass", labels=labels
-        )
+        """Build the metric families from a snapshot of every version's statistics."""
+        totals = sorted(self._cache.ledger.totals().items())
+        yield from _counters(totals)
+        yield from _histograms(totals)
         queued = GaugeMetricFamily(
-            "moduleserve_queued_requests", "Requests waiting now", labels=labels
+            "moduleserve_queued_requests", "Requests waiting now", labels=LABELS
         )
+        for (name, version), stats in totals:
+            queued.add_metric([name, str(version)], stats.queued)
         memory = GaugeMetricFamily(
-            "moduleserve_model_bytes", "Weights held in memory", labels=labels
+            "moduleserve_model_bytes", "Weights held in memory", labels=LABELS
         )
-        loaded_models = self._cache.loaded()
-        for model in loaded_models:
-            key = [model.name, str(model.version.version)]
-            s = model.batcher.stats()
-            for outcome, count in (
-                ("success", s.success),
-                ("fail", s.fail),
-                ("rejected", s.rejected),
-                ("cancelled", s.cancelled),
-            ):
-                requests.add_metric([*key, outcome], count)
-            rows.add_metric(key, s.rows)
-            batches.add_metric(key, s.batches)
-            queue.add_metric(key, s.queue_ns / 1e9)
-            latency.add_metric(key, s.success_ns / 1e9)
-            compute.add_metric(key, s.compute_infer_ns / 1e9)
-            mean_batch.add_metric(key, s.rows / s.batches if s.batches else 0.0)
-            queued.add_metric(key, s.queued)
-            memory.add_metric(key, model.nbytes)
+        loaded = self._cache.loaded()
+        for model in loaded:
+            memory.add_metric([model.name, str(model.version.version)], model.nbytes)
         count = GaugeMetricFamily("moduleserve_loaded_models", "Models in memory")
-        count.add_metric([], len(loaded_models))
-        yield from (
-            requests,
-            rows,
-            batches,
-            queue,
-            latency,
-            compute,
-            mean_batch,
-            queued,
-            memory,
-            count,
-        )
+        count.add_metric([], len(loaded))
+        yield from (queued, memory, count)
+
+
+Totals = list[tuple[tuple[str, int], BatcherStats]]
+
+
+def _counters(totals: Totals) -> Iterator[Metric]:
+    """Requests by outcome (Triton's request_success/failure), rows and forward passes."""
+    requests = CounterMetricFamily(
+        "moduleserve_requests", "Inference requests by outcome", labels=[*LABELS, "outcome"]
+    )
+    rows = CounterMetricFamily("moduleserve_inference_rows", "Rows computed", labels=LABELS)
+    batches = CounterMetricFamily("moduleserve_batches", "Forward passes", labels=LABELS)
+    for (name, version), s in totals:
+        key = [name, str(version)]
+        for outcome, count in (
+            ("success", s.success),
+            ("fail", s.fail),
+            ("rejected", s.rejected),
+            ("cancelled", s.cancelled),
+        ):
+            requests.add_metric([*key, outcome], count)
+        rows.add_metric(key, s.rows)
+        batches.add_metric(key, s.batches)
+    yield from (requests, rows, batches)
+
+
+def _histograms(totals: Totals) -> Iterator[Metric]:
+    """Latency, queue and compute time, and rows per forward pass, as histograms."""
+    request = HistogramMetricFamily(
+        "moduleserve_request_duration_seconds",
+        "Queue + compute time of each successful request",
+        labels=LABELS,
+    )
+    queue = HistogramMetricFamily(
+        "moduleserve_queue_duration_seconds",
+        "Time each successful request waited in the queue",
+        labels=LABELS,
+    )
+    compute = HistogramMetricFamily(
+        "moduleserve_compute_duration_seconds", "Time in forward() per forward pass", labels=LABELS
+    )
+    batch = HistogramMetricFamily(
+        "moduleserve_batch_size", "Rows per successful forward pass", labels=LABELS
+    )
+    for (name, version), s in totals:
+        key = [name, str(version)]
+        request.add_metric(key, _cumulative(s.request_buckets), s.success_ns / 1e9)
+        queue.add_metric(key, _cumulative(s.queue_buckets), s.queue_ns / 1e9)
+        compute.add_metric(key, _cumulative(s.compute_buckets), s.compute_infer_ns / 1e9)
+        batch.add_metric(key, _batch_size_buckets(s.batch_sizes), s.rows)
+    yield from (request, queue, compute, batch)
+
+
+def _cumulative(observations: Sequence[int]) -> list[tuple[str, float]]:
+    """Per-bucket counts (DURATION_BUCKETS_S, then the rest) as Prometheus `le` buckets."""
+    running = list(itertools.accumulate(observations))
+    bounds = [floatToGoString(bound) for bound in DURATION_BUCKETS_S] + ["+Inf"]
+    return list(zip(bounds, running, strict=True))
+
+
+def _batch_size_buckets(batch_sizes: Mapping[int, int]) -> list[tuple[str, float]]:
+    """Forward passes by rows as Prometheus `le` buckets."""
+    buckets: list[tuple[str, float]] = [
+        (floatToGoString(bound), sum(n for size, n in batch_sizes.items() if size <= bound))
+        for bound in BATCH_SIZE_BUCKETS
+    ]
+    return [*buckets, ("+Inf", sum(batch_sizes.values()))]
+
+
+READ_TIMEOUT_S = 10.0
+"""How long a connection may take to send a request (or sit idle between requests)."""
+
+MAX_REQUEST_HEAD = 16 * 1024
+"""Largest request line plus headers accepted; a scrape sends a few hundred bytes."""
+
+METRICS_PATHS = ("/metrics", "/")
+
+
+class MetricsServer:
+    """`GET /metrics` over HTTP on the running event loop.
+
+    prometheus_client's own server starts a thread per connection, so every idle connection
+    held one; here an idle connection is a suspended coroutine, closed after READ_TIMEOUT_S.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> int:
+        """Bind and serve; returns the port. OSError when the port cannot be bound."""
+        self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_REQUEST_HEAD)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    def close(self) -> None:
+        """Stop listening and drop every open connection."""
+        if self._server is not None:
+            self._server.close()
+        for writer in self._writers:
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answer requests on one connection until the client closes it, errs or idles."""
+        self._writers.add(writer)
+        try:
+            keep_alive = True
+            while keep_alive:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
+                response, keep_alive = _respond(head.decode("latin-1"), self._registry)
+                writer.write(response)
+                await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass  # idle too long, closed mid-request, or a head too large: just close
+        except ConnectionError:
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+
+def _respond(head: str, registry: CollectorRegistry) -> tuple[bytes, bool]:
+    """The response to one request head, and whether the connection stays open."""
+    request_line, *header_lines = head.split("\r\n")
+    parts = request_line.split(" ")
+    headers = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+        return _response("400 Bad Request", b"bad request\n", "text/plain", False), False
+    method, target, version = parts
+    connection = headers.get("connection", "").lower()
+    keep_alive = connection == "keep-alive" if version == "HTTP/1.0" else connection != "close"
+    if method not in ("GET", "HEAD") or "content-length" in headers:
+        # A body would have to be read before the next request: close instead.
+        return _response("405 Method Not Allowed", b"GET only\n", "text/plain", False), False
+    if target.split("?", 1)[0] not in METRICS_PATHS:
+        return _response("404 Not Found", b"see /metrics\n", "text/plain", keep_alive), keep_alive
+    encoder, content_type = choose_encoder(headers.get("accept", ""))
+    body = encoder(registry)
+    response = _response("200 OK", body, content_type, keep_alive, head_only=method == "HEAD")
+    return response, keep_alive
+
+
+def _response(
+    status: str, body: bytes, content_type: str, keep_alive: bool, head_only: bool = False
+) -> bytes:
+    head = (
+        f"HTTP/1.1 {status}\r\n"
+        f"Content-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
+    )
+    return head.encode("latin-1") + (b"" if head_only else body)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from registry import errors as registry_errors
 from registry import introspect
@@ -33,6 +35,8 @@ STATUS_FOR: dict[type[BaseException], grpc.StatusCode] = {
     server_errors.QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     server_errors.DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
     server_errors.ModelLoadingError: grpc.StatusCode.UNAVAILABLE,
+    server_errors.CheckpointMismatchError: grpc.StatusCode.FAILED_PRECONDITION,
+    server_errors.ModelClassNotAllowedError: grpc.StatusCode.PERMISSION_DENIED,
     server_errors.ModelNotReadyError: grpc.StatusCode.UNAVAILABLE,
     server_errors.UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     server_errors.PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
@@ -48,6 +52,11 @@ Response = TypeVar("Response")
 Servicer = Any
 UnaryMethod = Callable[[Servicer, Request, grpc.aio.ServicerContext], Awaitable[Response]]
 StreamMethod = Callable[[Servicer, Request, grpc.aio.ServicerContext], AsyncIterator[Response]]
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic in the stubs only
+
+# Details travel percent-encoded in a trailer, and clients drop trailers past 8 KiB: a longer
+# sentence would reach them as RESOURCE_EXHAUSTED "Stream removed" instead of itself.
+MAX_DETAILS_BYTES = 1024
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode | None:
@@ -59,15 +68,26 @@ def status_for(exc: BaseException) -> grpc.StatusCode | None:
     return None
 
 
-async def abort_with(exc: Exception, context: grpc.aio.ServicerContext, method: str) -> None:
-    """End the RPC with the mapped status and a sentence; unexpected errors stay in the log."""
+def status_of(
+    exc: BaseException, context: grpc.aio.ServicerContext, method: str
+) -> tuple[grpc.StatusCode, str]:
+    """The status and sentence an exception becomes; unexpected errors stay in the log."""
     code = status_for(exc)
     if code is None:
         request_id = _request_id(context)
-        logger.exception("internal error in %s (request id %s)", method, request_id)
-        await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
-    logger.info("%s -> %s: %s", method, code.name, exc)
-    await context.abort(code, str(exc))
+        logger.error("internal error in %s (request id %s)", method, request_id, exc_info=exc)
+        return grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})"
+    details = fit_details(str(exc))
+    logger.info("%s -> %s: %s", method, code.name, details)
+    return code, details
+
+
+def fit_details(details: str) -> str:
+    """Cut a sentence to what a client's metadata limit lets through, marking the cut."""
+    data = details.encode()
+    if len(data) <= MAX_DETAILS_BYTES:
+        return details
+    return data[: MAX_DETAILS_BYTES - 3].decode(errors="ignore") + "…"
 
 
 def map_errors(func: UnaryMethod[Request, Response]) -> UnaryMethod[Request, Response]:
@@ -82,8 +102,17 @@ def map_errors(func: UnaryMethod[Request, Response]) -> UnaryMethod[Request, Res
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await abort_with(exc, context, func.__name__)
-            raise AssertionError("context.abort returned") from exc
+            code, details = status_of(exc, context, func.__name__)
+            # The exception may outlive this call (a failed load shares one with all its
+            # waiters, in a reference cycle): it must not keep this call's frames alive.
+            exc.__traceback__ = None
+        # Abort only once the except block is left: raised inside it, the abort would chain
+        # `exc`, whose frames hold the request. gRPC keeps the abort's traceback in a cycle
+        # with the context, so this frame must not hold the request either: otherwise up to
+        # max_message_mb per refused call stays in memory until a full GC.
+        del request
+        await context.abort(code, details)
+        raise AssertionError("context.abort returned")
 
     return wrapper
 
@@ -98,12 +127,105 @@ def map_stream_errors(func: StreamMethod[Request, Response]) -> StreamMethod[Req
         try:
             async for item in func(self, request, context):
                 yield item
+            return
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await abort_with(exc, context, func.__name__)
+            code, details = status_of(exc, context, func.__name__)
+            exc.__traceback__ = None  # as in map_errors
+        del request  # as in map_errors
+        await context.abort(code, details)  # outside the except block, as in map_errors
 
     return wrapper
+
+
+class DecodeErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Undecodable request bytes become INVALID_ARGUMENT with a sentence, on every service.
+
+    gRPC decodes a request before any handler runs, and answers a decoder error with
+    UNKNOWN and the decoder's own text; so each handler gets a deserializer that never
+    raises, and a handler that refuses what it could not decode.
+    """
+
+    def __init__(self) -> None:
+        # method path -> (the handler found, its guarded twin): built once per handler.
+        self._guarded: dict[str, tuple[Handler, Handler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        method = handler_call_details.method
+        found = self._guarded.get(method)
+        if found is None or found[0] is not handler:
+            found = self._guarded[method] = (handler, guard_decoding(handler, method))
+        guarded: Handler = found[1]
+        return guarded
+
+
+_UNDECODABLE = object()
+
+
+def guard_decoding(handler: Any, method: str) -> Any:
+    """`handler` (a grpc RpcMethodHandler tuple) refusing undecodable requests by a sentence."""
+    sentence = (
+        f"the {method.rsplit('/', 1)[-1]} request could not be decoded: it is not a valid "
+        "protobuf message of that method's request type"
+    )
+    decode = handler.request_deserializer
+    if handler.request_streaming:
+        # Streamed messages are decoded inside the handler, so its error mapping applies.
+        def decode_or_refuse(data: bytes) -> Any:
+            try:
+                return decode(data)
+            except DecodeError:
+                raise server_errors.InvalidInputError(None, sentence) from None
+
+        return handler._replace(request_deserializer=decode_or_refuse)
+
+    def decode_or_mark(data: bytes) -> Any:
+        try:
+            return decode(data)
+        except DecodeError:
+            return _UNDECODABLE
+
+    field = "unary_stream" if handler.response_streaming else "unary_unary"
+    behavior = _refusing(getattr(handler, field), sentence)
+    if behavior is None:  # a sync handler: this asyncio server has none
+        return handler
+    return handler._replace(request_deserializer=decode_or_mark, **{field: behavior})
+
+
+def _refusing(behavior: Any, sentence: str) -> Any:
+    """`behavior` of the same kind (gRPC tells them apart), first refusing _UNDECODABLE."""
+    if inspect.isasyncgenfunction(behavior):
+
+        async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if request is _UNDECODABLE:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, sentence)
+            items = behavior(request, context)
+            del request  # see refuse
+            async for item in items:
+                yield item
+
+        return refuse_stream
+    if inspect.iscoroutinefunction(behavior):
+
+        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if request is _UNDECODABLE:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, sentence)
+            pending = behavior(request, context)
+            # An abort in `behavior` passes this frame, which must then not hold the request
+            # (see map_errors).
+            del request
+            return await pending
+
+        return refuse
+    return None
 
 
 def _request_id(context: grpc.aio.ServicerContext) -> str:

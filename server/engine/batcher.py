@@ -16,11 +16,14 @@ import heapq
 import itertools
 import logging
 import math
+import threading
 import time
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, fields
+from typing import Final, Generic, TypeVar
 
 import torch
 
@@ -35,6 +38,22 @@ logger = logging.getLogger(__name__)
 
 Compute = Callable[[dict[str, torch.Tensor]], Mapping[str, torch.Tensor]]
 """A forward pass over a batch: named inputs in, named outputs out, dim 0 kept."""
+
+DURATION_BUCKETS_S: Final = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+"""Upper bounds of the duration histograms, in seconds; one more bucket holds the rest."""
+_BOUNDS_NS: Final = tuple(round(bound * 1e9) for bound in DURATION_BUCKETS_S)
+
+
+def duration_bucket(ns: int) -> int:
+    """Index of the histogram bucket a duration falls in (Prometheus `le`: bound included)."""
+    return bisect_left(_BOUNDS_NS, ns)
+
+
+def _no_observations() -> list[int]:
+    return [0] * (len(_BOUNDS_NS) + 1)
 
 
 def collate(
@@ -140,11 +159,30 @@ class BatcherStats:
     compute_infer_ns: int  # forward()
     compute_output_ns: int  # splitting outputs
     last_inference_ms: int  # wall clock of the last forward pass, ms since epoch; 0 if none
+    # Observations per DURATION_BUCKETS_S bucket (not cumulative; the last is "more"):
+    request_buckets: tuple[int, ...]  # queue + compute of each successful request
+    queue_buckets: tuple[int, ...]  # queue time of each successful request
+    compute_buckets: tuple[int, ...]  # forward() of each successful forward pass
 
     @property
     def compute_ns(self) -> int:
         """Collate + forward + split."""
         return self.compute_input_ns + self.compute_infer_ns + self.compute_output_ns
+
+    def plus(self, other: BatcherStats) -> BatcherStats:
+        """Both snapshots' counts together (one model version served by successive batchers)."""
+        values: dict[str, object] = {}
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if f.name == "last_inference_ms":
+                values[f.name] = max(mine, theirs)
+            elif isinstance(mine, tuple):
+                values[f.name] = tuple(a + b for a, b in zip(mine, theirs, strict=True))
+            elif isinstance(mine, Mapping):
+                values[f.name] = {k: mine.get(k, 0) + theirs.get(k, 0) for k in {*mine, *theirs}}
+            else:
+                values[f.name] = mine + theirs
+        return BatcherStats(**values)  # type: ignore[arg-type]
 
 
 @dataclass(slots=True)
@@ -166,7 +204,12 @@ class _Counters:
     compute_infer_ns: int = 0
     compute_output_ns: int = 0
     last_inference_ms: int = 0
+    request_buckets: list[int] = field(default_factory=_no_observations)
+    queue_buckets: list[int] = field(default_factory=_no_observations)
+    compute_buckets: list[int] = field(default_factory=_no_observations)
 
+
+K = TypeVar("K", bound=Hashable)
 
 _BatchResult = tuple[list[dict[str, torch.Tensor]], tuple[int, int, int]]
 
@@ -316,6 +359,8 @@ class DynamicBatcher:
         c = self._counters
         values = {f.name: getattr(c, f.name) for f in fields(c)}
         values.update(batch_sizes=dict(c.batch_sizes), batch_infer_ns=dict(c.batch_infer_ns))
+        for name in ("request_buckets", "queue_buckets", "compute_buckets"):
+            values[name] = tuple(values[name])
         return BatcherStats(**values, batches=c.batch_sizes.total(), queued=len(self._heap))
 
     async def _run(self) -> None:
@@ -470,9 +515,18 @@ class DynamicBatcher:
     def _record_batch(
         self, batch: list[_Request], started: float, timings: tuple[int, int, int]
     ) -> None:
-        """Add one successful batch to the counters."""
+        """Add one successful batch to the counters (histograms: one increment per request)."""
         c, now = self._counters, time.monotonic()
-        rows = sum(request.rows for request in batch)
+        rows = 0
+        for request in batch:
+            rows += request.rows
+            queue_ns = int((started - request.enqueued) * 1e9)
+            total_ns = int((now - request.enqueued) * 1e9)
+            c.queue_ns += queue_ns
+            c.success_ns += total_ns
+            c.queue_buckets[duration_bucket(queue_ns)] += 1
+            c.request_buckets[duration_bucket(total_ns)] += 1
+        c.compute_buckets[duration_bucket(timings[1])] += 1
         c.batch_sizes[rows] += 1
         c.batch_infer_ns[rows] += timings[1]
         c.compute_input_ns += timings[0]
@@ -480,8 +534,6 @@ class DynamicBatcher:
         c.compute_output_ns += timings[2]
         c.rows += rows
         c.success += len(batch)
-        c.queue_ns += sum(int((started - request.enqueued) * 1e9) for request in batch)
-        c.success_ns += sum(int((now - request.enqueued) * 1e9) for request in batch)
         c.last_inference_ms = time.time_ns() // 1_000_000  # wall clock: a timestamp, not a window
 
     def _fail(self, requests: list[_Request], error: BaseException) -> None:
@@ -497,3 +549,47 @@ class DynamicBatcher:
         """Fail every queued request: the batcher is stopping without draining."""
         queued, self._heap = self._heap, []
         self._fail(queued, ModelNotReadyError(self.name, reason="was stopped"))
+
+
+class StatsLedger(Generic[K]):
+    """Cumulative statistics per key (a model version) across the batchers that served it.
+
+    A version loaded again gets a new batcher whose counters start at zero; the ledger
+    adds what its stopped batchers counted, so totals never go backwards (as Prometheus
+    counters must) and outlive an unload. Of keys not running again, the `keep` most
+    recently stopped are remembered. A lock keeps each snapshot whole even when a scrape
+    runs on another thread: a batcher is never counted twice, or missed, while it stops.
+    """
+
+    def __init__(self, keep: int = 256) -> None:
+        self._keep = keep
+        self._lock = threading.Lock()
+        self._running: list[tuple[K, DynamicBatcher]] = []
+        self._stopped: dict[K, BatcherStats] = {}
+
+    def track(self, key: K, batcher: DynamicBatcher) -> None:
+        """Count a started batcher under `key` until `retire`."""
+        with self._lock:
+            self._running.append((key, batcher))
+
+    def retire(self, key: K, batcher: DynamicBatcher) -> None:
+        """Fold a stopped batcher's final counts into its key's totals and let go of it."""
+        final = batcher.stats()
+        with self._lock:
+            self._running = [(k, b) for k, b in self._running if b is not batcher]
+            previous = self._stopped.pop(key, None)  # re-inserted last: the newest
+            self._stopped[key] = final if previous is None else previous.plus(final)
+            running = {k for k, _ in self._running}
+            # A key running again keeps its past, or its counters would go backwards.
+            forgettable = [k for k in self._stopped if k not in running]
+            for old in forgettable[: max(0, len(forgettable) - self._keep)]:
+                del self._stopped[old]
+
+    def totals(self) -> dict[K, BatcherStats]:
+        """Every key's statistics: its stopped batchers' plus its running ones'."""
+        with self._lock:
+            totals = dict(self._stopped)
+            for key, batcher in self._running:
+                stats = batcher.stats()
+                totals[key] = stats if key not in totals else totals[key].plus(stats)
+        return totals

@@ -17,10 +17,12 @@ from registry.api import Registry
 from registry.entities import ModuleClass, Version
 from registry.errors import IntegrityError, RegistryUnavailableError
 from registry.formats import parse_dtype
+from registry.names import parse_ref
 from server.config import BatchingSettings, ServerSettings
-from server.engine.batcher import DynamicBatcher
+from server.engine.batcher import DynamicBatcher, StatsLedger
 from server.engine.devices import HALF_TYPES, DeviceExecutors, make_compute, module_nbytes
-from server.errors import ModelLoadingError
+from server.engine.load_errors import SEE_LOG, LoadFailure, load_error
+from server.errors import ModelLoadingError, ModelNotReadyError
 
 logger = logging.getLogger(__name__)
 
@@ -68,13 +70,18 @@ class ModelCache:
         self._loading: dict[Key, asyncio.Task[LoadedModel]] = {}
         self._budget_lock = asyncio.Lock()
         self._reserved = 0  # bytes promised to loads in progress
-        self._failed: dict[Key, tuple[ModelLoadingError, float]] = {}
+        self._failed: dict[Key, LoadFailure] = {}
         self._refresher: asyncio.Task[None] | None = None
+        # Per-version counters for /metrics, kept across unloads and alias swaps.
+        self.ledger: StatsLedger[Key] = StatsLedger()
 
     # -- lookups ---------------------------------------------------------------------------
 
     async def get(self, model: str, ref: str = "") -> LoadedModel:
-        """The loaded model for a version ref, loading it on first use."""
+        """The loaded model for a version ref, loading it on first use if lazy loading is on."""
+        return await self._get(model, ref, explicit=False)
+
+    async def _get(self, model: str, ref: str, explicit: bool) -> LoadedModel:
         number = self._refs.get((model, ref))
         if number is not None:
             loaded = self._models.get((model, number))
@@ -82,15 +89,25 @@ class ModelCache:
                 loaded.last_used = time.monotonic()
                 return loaded
         version = await asyncio.to_thread(self.registry.checkpoints.resolve, model, ref)
+        key = (version.model, version.version)
+        if not (explicit or self.settings.lazy_load or key in self._models or key in self._loading):
+            raise ModelNotReadyError(
+                model,
+                str(version.version),
+                "is not loaded, and this server loads models only when an operator asks "
+                f"(RepositoryModelLoad: moduleserve load {model})",
+            )
         loaded = await self._ensure_loaded(version)
         self._refs[(model, ref)] = version.version
         return loaded
 
     def peek(self, model: str, ref: str = "") -> LoadedModel | None:
-        """The loaded model for a ref if it is in memory now; never loads."""
+        """The loaded model for a ref if it is in memory now; never loads. A malformed ref
+        raises InvalidInputError."""
         number = self._refs.get((model, ref))
-        if number is None and ref.isdigit():
-            number = int(ref)
+        if number is None:
+            parsed = parse_ref(ref)
+            number = parsed if isinstance(parsed, int) else None
         return self._models.get((model, number)) if number is not None else None
 
     def loaded(self) -> list[LoadedModel]:
@@ -101,49 +118,49 @@ class ModelCache:
         """Whether that version is being loaded now."""
         return (model, version) in self._loading
 
+    def failure(self, model: str, version: int) -> str | None:
+        """Why that version's last load failed (until one succeeds), or None."""
+        failure = self._failed.get((model, version))
+        return failure.reason if failure is not None else None
+
     # -- loading and unloading -------------------------------------------------------------
 
     async def load(self, model: str, ref: str = "") -> LoadedModel:
-        """Explicit load (RepositoryModelLoad); the same as the lazy path."""
-        return await self.get(model, ref)
+        """Explicit load (RepositoryModelLoad, --preload): loads whatever `lazy_load` says."""
+        return await self._get(model, ref, explicit=True)
 
-    async def _ensure_loaded(self, version: Version) -> LoadedModel:
+    async def _ensure_loaded(self, version: Version, why: str = "") -> LoadedModel:
         key = (version.model, version.version)
         if key in self._models:
             return self._models[key]
         failure = self._failed.get(key)
-        if failure is not None and time.monotonic() < failure[1]:
-            raise failure[0]
+        if failure is not None and time.monotonic() < failure.retry_at:
+            raise failure.error(key)
         task = self._loading.get(key)
         if task is None:
-            task = asyncio.get_running_loop().create_task(self._load(version))
+            task = asyncio.get_running_loop().create_task(self._load(version, why))
             self._loading[key] = task
             task.add_done_callback(lambda _t, k=key: self._loading.pop(k, None))
         # shield: a caller that goes away must not cancel a load others wait for.
         return await asyncio.shield(task)
 
-    async def _load(self, version: Version) -> LoadedModel:
+    async def _load(self, version: Version, why: str) -> LoadedModel:
         key = (version.model, version.version)
         try:
             await self._make_room(version)
             try:
-                return await self._build_and_start(version)
+                return await self._build_and_start(version, why)
             finally:
                 self._reserved -= version.size
         except ModelLoadingError as exc:
-            self._failed[key] = (exc, time.monotonic() + LOAD_RETRY_S)
+            retry_at = time.monotonic() + LOAD_RETRY_S
+            self._failed[key] = LoadFailure(type(exc), exc.reason, retry_at)
             raise
 
-    async def _build_and_start(self, version: Version) -> LoadedModel:
+    async def _build_and_start(self, version: Version, why: str) -> LoadedModel:
         name = version.model
         started = time.perf_counter()
-        try:
-            module_class = await asyncio.to_thread(self.registry.module_class_of, version)
-            module = await asyncio.to_thread(self._build, version)
-        except (IntegrityError, RegistryUnavailableError):
-            raise  # DATA_LOSS and UNAVAILABLE say more than "failed to load"
-        except Exception as exc:  # the class no longer builds, imports, or fits its checkpoint
-            raise ModelLoadingError(name, str(version.version), f"failed to load: {exc}") from exc
+        module_class, module = await self._build_module(version)
         batching = self.settings.batching_for(name)
         half = HALF_TYPES.get(self.settings.dtype)
         compute = make_compute(
@@ -176,17 +193,31 @@ class ModelCache:
             module_nbytes(module),
         )
         self._models[(name, version.version)] = loaded
+        self.ledger.track((name, version.version), batcher)
         self._failed.pop((name, version.version), None)
         logger.info(
-            "loaded %s:%d on %s (%.1f MiB) in %.2fs",
+            "loaded %s:%d on %s (%d bytes) in %.2fs%s",
             name,
             version.version,
             self.device,
-            loaded.nbytes / 2**20,
+            loaded.nbytes,
             time.perf_counter() - started,
+            f": {why}" if why else "",
         )
         await self._notify(name)
         return loaded
+
+    async def _build_module(self, version: Version) -> tuple[ModuleClass, nn.Module]:
+        """The version's class and module; a failure becomes a sentence for clients."""
+        try:
+            module_class = await asyncio.to_thread(self.registry.module_class_of, version)
+            return module_class, await asyncio.to_thread(self._build, version)
+        except (IntegrityError, RegistryUnavailableError):
+            raise  # DATA_LOSS and UNAVAILABLE say more than "failed to load"
+        except Exception as exc:  # the class no longer builds, imports, or fits its checkpoint
+            error = load_error(version, exc)
+        # Raised outside the except block: chained, `exc` would keep the build's tensors.
+        raise error
 
     def _build(self, version: Version) -> nn.Module:
         module = self.registry.build_version(version, self.device)
@@ -211,10 +242,15 @@ class ModelCache:
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(executor, compute, inputs)  # type: ignore[arg-type]
+            return
         except Exception as exc:  # user code failed on its own declared input spec
-            raise ModelLoadingError(
-                name, str(version.version), f"failed its warm-up forward pass: {exc}"
-            ) from exc
+            logger.warning(
+                "%s:%d failed its warm-up forward pass", name, version.version, exc_info=exc
+            )
+        # User code's text stays in the log: it may quote paths, data or secrets.
+        raise ModelLoadingError(
+            name, str(version.version), f"failed its warm-up forward pass ({SEE_LOG})"
+        )
 
     async def _make_room(self, version: Version) -> None:
         """Evict least recently used models until the new checkpoint fits the budget."""
@@ -238,12 +274,7 @@ class ModelCache:
                         "does not fit the memory budget while other models are loading; retry",
                     )
                 victim = min(self._models.values(), key=lambda m: m.last_used)
-                logger.info(
-                    "evicting %s:%d to stay within the memory budget",
-                    victim.name,
-                    victim.version.version,
-                )
-                await self._drop(victim)
+                await self._drop(victim, "evicted to stay within the memory budget")
             self._reserved += need
 
     async def unload(self, model: str) -> int:
@@ -251,7 +282,7 @@ class ModelCache:
         await self._settle_loads(model)
         victims = [m for m in self._models.values() if m.name == model]
         for victim in victims:
-            await self._drop(victim)
+            await self._drop(victim, "unload request")
         for key in [k for k in self._refs if k[0] == model]:
             del self._refs[key]
         return len(victims)
@@ -264,13 +295,17 @@ class ModelCache:
             with contextlib.suppress(Exception):
                 await asyncio.shield(task)
 
-    async def _drop(self, loaded: LoadedModel) -> None:
+    async def _drop(self, loaded: LoadedModel, why: str) -> None:
         key = (loaded.name, loaded.version.version)
         self._models.pop(key, None)
         # Forget refs that point here: the alias refresher must not reload an evicted model.
         for ref in [r for r, number in self._refs.items() if (r[0], number) == key]:
             del self._refs[ref]
-        await loaded.batcher.stop(drain=True)
+        try:
+            await loaded.batcher.stop(drain=True)
+        finally:
+            self.ledger.retire(key, loaded.batcher)  # also lets go of the batcher (and weights)
+        logger.info("unloaded %s:%d (%d bytes): %s", *key, loaded.nbytes, why)
         device = loaded.device
         del loaded
         gc.collect()
@@ -303,30 +338,25 @@ class ModelCache:
         old one is unloaded only after its in-flight requests finish (drain).
         """
         for (model, ref), number in list(self._refs.items()):
-            if ref.isdigit():
+            if isinstance(parse_ref(ref), int):
                 continue
             try:
                 version = await asyncio.to_thread(self.registry.checkpoints.resolve, model, ref)
                 if version.version == number or (model, number) not in self._models:
                     continue
-                await self._ensure_loaded(version)
+                mover = _mover(ref, version, self.registry.checkpoints.default_alias)
+                await self._ensure_loaded(version, f"{mover} moves here from version {number}")
             except Exception as exc:  # one model's trouble must not stop the others' refresh
                 logger.warning(
                     "keeping %s:%s at version %d: %s", model, ref or "default", number, exc
                 )
                 continue
             self._refs[(model, ref)] = version.version
-            logger.info(
-                "%s:%s moved from version %d to %d",
-                model,
-                ref or "default",
-                number,
-                version.version,
-            )
+            logger.info("%s: %s moved from version %d to %d", model, mover, number, version.version)
             if (model, number) not in {(m, n) for (m, _), n in self._refs.items()}:
                 old = self._models.get((model, number))
                 if old is not None:
-                    await self._drop(old)
+                    await self._drop(old, f"{mover} moved to version {version.version}")
 
     async def close(self) -> None:
         """Stop refreshing and unload everything (in-flight requests finish)."""
@@ -336,4 +366,13 @@ class ModelCache:
                 await self._refresher
         await self._settle_loads()
         for loaded in list(self._models.values()):
-            await self._drop(loaded)
+            await self._drop(loaded, "server stopping")
+
+
+def _mover(ref: str, version: Version, default_alias: str) -> str:
+    """What moved a ref to `version`, for the log: its alias, or the newest version."""
+    if ref:
+        return f"alias {ref!r}"
+    if default_alias in version.aliases:
+        return f"alias {default_alias!r}"
+    return "the latest version"

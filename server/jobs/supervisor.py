@@ -33,6 +33,7 @@ def worker_environment(settings: ServerSettings) -> dict[str, str]:
             "MODULESERVE_DB": settings.database_url(),
             "MODULESERVE_STORE": str(settings.store.resolve()),
             "MODULESERVE_ALLOWED_CLASS_PREFIXES": json.dumps(settings.allowed_class_prefixes),
+            "MODULESERVE_CLASS_PATH": json.dumps([str(p.resolve()) for p in settings.class_path]),
             "MODULESERVE_DEFAULT_ALIAS": settings.default_alias,
             "MODULESERVE_JOB_DEVICE": settings.job_device,
             "MODULESERVE_JOB_TORCH_THREADS": str(settings.job_torch_threads),

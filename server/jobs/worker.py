@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
+from client.tables import version_text
 from registry.api import Registry
 from registry.errors import RegistryError
 from server.config import WorkerSettings, settings_error_text
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         "MODULESERVE_* variables).",
     )
     add = p.add_argument
+    add("--version", action="version", version=version_text())
     add("--db", help="registry database URL (default: sqlite file beside the store)")
     add("--store", help="registry blob store folder (default ./data/store)")
     add(
@@ -114,7 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         dest="allowed_class_prefixes",
         metavar="PACKAGE",
-        help="package whose Module classes may be loaded (repeatable)",
+        help="package whose Module classes may be loaded, besides registry.demo (repeatable)",
+    )
+    add(
+        "--class-path",
+        action="append",
+        dest="class_path",
+        metavar="DIR",
+        help="folder to import your classes' package from (repeatable)",
     )
     add("--device", dest="job_device", help="auto (default), cpu, cuda or cuda:N")
     add("--torch-threads", dest="job_torch_threads", type=int, help="default 1")

@@ -8,6 +8,8 @@ used for the one call and dropped: it never enters the serving cache.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import TypeVar
 
 import grpc
 from torch import nn
@@ -17,7 +19,12 @@ from client.pb import moduleserve_v1_pb2_grpc as pb_grpc
 from registry import inspection, introspect
 from registry.api import Registry
 from registry.entities import Version
-from registry.errors import InvalidInputError
+from registry.errors import (
+    ClassBuildError,
+    ClassNotAllowedError,
+    InvalidInputError,
+    StateDictMismatchError,
+)
 from server.convert_introspect import (
     diff_to_pb,
     kind_filter_from_pb,
@@ -27,9 +34,11 @@ from server.convert_introspect import (
     tree_to_pb,
 )
 from server.engine.cache import ModelCache
+from server.engine.load_errors import load_error
 from server.status import map_errors
 
 Context = grpc.aio.ServicerContext
+T = TypeVar("T")
 
 # Unloaded versions built at once for ListTensors/GetTensor: each holds a full copy of the
 # weights for the length of the call, so concurrent callers must not multiply that freely.
@@ -56,7 +65,7 @@ class IntrospectionServicer(pb_grpc.IntrospectionServicer):
         self, request: pb.GetModuleTreeRequest, context: Context
     ) -> pb.GetModuleTreeResponse:
         version, live = await self._resolve(request.model)
-        nodes, totals = await asyncio.to_thread(inspection.tree, self.registry, version, live)
+        nodes, totals = await _built(version, inspection.tree, self.registry, version, live)
         text = introspect.format_tree(nodes)
         return tree_to_pb(version, live is not None, nodes, totals, text)
 
@@ -70,8 +79,8 @@ class IntrospectionServicer(pb_grpc.IntrospectionServicer):
             introspect.check_pattern(pattern)  # refuse before any weights are read
         version, live = await self._resolve(request.model)
         async with self._builds:
-            summaries, totals = await asyncio.to_thread(
-                inspection.summaries, self.registry, version, kind, pattern, live
+            summaries, totals = await _built(
+                version, inspection.summaries, self.registry, version, kind, pattern, live
             )
         return tensors_to_pb(version, live is not None, summaries, totals)
 
@@ -84,8 +93,15 @@ class IntrospectionServicer(pb_grpc.IntrospectionServicer):
         cap = inspection.element_cap(request.max_elements, self.max_elements_ceiling)
         version, live = await self._resolve(request.model)
         async with self._builds:
-            values = await asyncio.to_thread(
-                inspection.values, self.registry, version, request.name, request.slices, cap, live
+            values = await _built(
+                version,
+                inspection.values,
+                self.registry,
+                version,
+                request.name,
+                request.slices,
+                cap,
+                live,
             )
         return tensor_to_pb(version, live is not None, request.name, values)
 
@@ -111,3 +127,13 @@ class IntrospectionServicer(pb_grpc.IntrospectionServicer):
         # By number: an alias or "" may resolve to a loaded version never requested that way.
         loaded = self.cache.peek(version.model, str(version.version))
         return version, loaded.module if loaded is not None else None
+
+
+async def _built(version: Version, inspect: Callable[..., T], *args: object) -> T:
+    """Run an inspection that builds `version` in a worker thread; a class that no longer
+    builds is told as a failed load is, without the text of the user's code."""
+    try:
+        return await asyncio.to_thread(inspect, *args)
+    except (ClassBuildError, ClassNotAllowedError, StateDictMismatchError) as exc:
+        error = load_error(version, exc)
+    raise error  # outside the except block, as in server.engine.cache

@@ -17,6 +17,7 @@ from client.oip import OIP_SERVICE, oip_methods
 from client.pb import oip_v2_pb2 as pb
 from registry.api import Registry
 from registry.entities import ModuleClass, Version
+from registry.names import parse_ref
 from server.convert import has_typed_contents, inputs_from_pb, outputs_to_pb
 from server.convert_meta import model_config_to_pb, model_metadata_to_pb, statistics_to_pb
 from server.engine.cache import ModelCache
@@ -135,6 +136,8 @@ class InferenceServicer:
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: Context
     ) -> pb.ModelStatisticsResponse:
+        if request.version:
+            parse_ref(request.version)  # refuse a malformed version rather than match nothing
         loaded = [
             m
             for m in self.cache.loaded()
@@ -170,6 +173,11 @@ class InferenceServicer:
             return "READY", ""
         if self.cache.is_loading(model, number):
             return "LOADING", ""
+        failure = self.cache.failure(model, number)
+        if failure is not None:
+            return "UNAVAILABLE", failure
+        if not self.cache.settings.lazy_load:
+            return "UNAVAILABLE", "unloaded (loads on RepositoryModelLoad only)"
         return "UNAVAILABLE", "unloaded (loads on first request or RepositoryModelLoad)"
 
     @map_errors

@@ -111,7 +111,8 @@ def test_outdated_schema_is_refused_naming_the_fix(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 1
-    assert "run `moduleserve-registry init`" in result.stderr
+    assert "`moduleserve-registry init` creates one there" in result.stderr
+    assert not (tmp_path / "empty.db").exists()
 
 
 def test_workers_share_the_port_and_stop_together(demo_registry: Registry, tmp_path: Path) -> None:
@@ -133,6 +134,21 @@ def test_workers_share_the_port_and_stop_together(demo_registry: Registry, tmp_p
     for _ in range(8):  # separate connections: the kernel spreads them over both processes
         with ModelClient(f"127.0.0.1:{port}") as client:
             answers.add(float(client.infer("doubler", np.array([1.0], np.float32))[0]))
+    # Sharing is for its own workers only: another server on the port is refused.
+    settings = demo_registry.settings
+    outsider = subprocess.run(
+        [
+            *(sys.executable, "-m", "server", "--grpc-port", str(port), "--no-metrics"),
+            *("--db", settings.database_url(), "--store", str(settings.store)),
+        ],
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert outsider.returncode == 1, outsider.stderr
+    assert f"error: port {port} is in use (another server?)" in outsider.stderr
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, output

@@ -42,6 +42,7 @@ def test_models_load_infer_unload(
     assert np.load(tmp_path / "y.npz")["output0"].tolist() == [[9.0], [11.0]]
     code, out, _ = run(served, capsys, "infer", "mynet:production", "--random", "--batch", "2")
     assert code == 0 and "output0 float32[2, 10]" in out
+    assert out.startswith("answered by mynet:1\n")  # the version the alias pointed at
     assert run(served, capsys, "--json", "models", "--ready")[1].count('"READY"') == 2
     assert run(served, capsys, "unload", "doubler")[0] == 0
     code, out, _ = run(served, capsys, "metadata", "mlp")

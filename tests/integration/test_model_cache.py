@@ -15,6 +15,7 @@ from client.client import ModelClient
 from client.errors import UnavailableError
 from registry.api import Registry
 from registry.classes import parse_input_spec
+from server.engine.batcher import DynamicBatcher
 from tests.helpers import ServerThread, server_settings
 from tests.models import Wide
 
@@ -132,8 +133,10 @@ def test_loading_holds_one_copy_and_unloading_frees_it(demo_registry: Registry) 
 
 
 def test_unload_waits_for_requests_in_flight(demo_registry: Registry) -> None:
+    # The forward pass (1 s) must outlast an unload's own work (a full GC: ~0.2 s), or an
+    # unload that did not wait would still find the request done.
     demo_registry.classes.register(
-        "Slow", "tests.models:SlowNet", {"delay_s": 0.3}, [parse_input_spec("x:float32:-1,2")]
+        "Slow", "tests.models:SlowNet", {"delay_s": 1.0}, [parse_input_spec("x:float32:-1,2")]
     )
     from tests.models import SlowNet
 
@@ -142,19 +145,31 @@ def test_unload_waits_for_requests_in_flight(demo_registry: Registry) -> None:
     try:
         with ModelClient(server.target) as client:
             client.load("slow")
+            batcher = server.app.cache.peek("slow").batcher  # type: ignore[union-attr]
             result: list[np.ndarray] = []
             client.metadata("slow")  # cached: the infer below goes straight to ModelInfer
             pending = threading.Thread(
                 target=lambda: result.append(client.infer("slow", np.ones(2, np.float32)))
             )
             pending.start()
-            time.sleep(0.05)
+            in_flight(batcher)  # the unload below must not overtake the request
             client.unload("slow")
+            # Unload returned: the request was answered by the model it unloaded, and no
+            # lazy load brought the model back for it.
+            assert batcher.stats().success == 1 and loaded(server) == []
             pending.join(timeout=10)
         assert len(result) == 1 and result[0].shape == (2,)
         assert torch.isfinite(torch.from_numpy(result[0])).all()
     finally:
         server.stop()
+
+
+def in_flight(batcher: DynamicBatcher) -> None:
+    """Wait until a request reached the batcher and its forward pass started."""
+    give_up = time.monotonic() + 10
+    while not (batcher.stats().requests == 1 and batcher.stats().queued == 0):
+        assert time.monotonic() < give_up, "the request never reached the model"
+        time.sleep(0.005)
 
 
 def test_one_models_alias_trouble_does_not_stop_the_others_refresh(

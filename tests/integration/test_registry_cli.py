@@ -138,9 +138,26 @@ def test_verify_fails_on_a_corrupt_blob(cli: Cli, store: Path, tmp_path: Path) -
     assert code == 1 and "corrupt" in out and "mynet:1" in out
 
 
+def test_commands_refuse_a_missing_registry_and_create_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "elsewhere" / "new.db"
+    code = main(["--db", f"sqlite:///{missing}", "--store", str(tmp_path / "store"), "list"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err == (
+        f"error: there is no registry at {missing}: `moduleserve-registry init` creates one "
+        "there; to use another, pass --db (or set MODULESERVE_DB, or db in moduleserve.toml)\n"
+    )
+    assert list(tmp_path.iterdir()) == []  # no folder, no empty database left behind
+
+
 def test_commands_refuse_an_uninitialised_database(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    import sqlite3
+
+    sqlite3.connect(tmp_path / "new.db").close()  # an empty file: not migrated
     code = main(["--db", f"sqlite:///{tmp_path / 'new.db'}", "--store", str(tmp_path), "list"])
     assert code == 1 and "run `moduleserve-registry init`" in capsys.readouterr().err
 
@@ -155,3 +172,11 @@ def test_demo_seeds_three_models_once(cli: Cli) -> None:
         "mynet": {"production": 1},
         "nested": {"production": 1},
     }
+
+
+def test_export_into_a_missing_folder_is_one_sentence(cli: Cli, tmp_path: Path) -> None:
+    assert cli("demo")[0] == 0
+    target = tmp_path / "no" / "such" / "mynet.pth"
+    code, _, err = cli("export", "mynet:1", str(target))
+    assert code == 1
+    assert err == f"error: cannot export to {target}: folder {target.parent} does not exist\n"

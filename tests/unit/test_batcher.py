@@ -19,7 +19,14 @@ import pytest
 import torch
 from torch import nn
 
-from server.engine.batcher import DynamicBatcher, collate, split
+from server.engine.batcher import (
+    DURATION_BUCKETS_S,
+    DynamicBatcher,
+    StatsLedger,
+    collate,
+    duration_bucket,
+    split,
+)
 from server.errors import (
     DeadlineExceededError,
     InvalidInputError,
@@ -476,3 +483,74 @@ def test_collate_then_split_is_the_identity() -> None:
     batch, sizes = collate(requests)
     for original, part in zip(requests, split(batch, sizes), strict=True):
         assert torch.equal(original["x"], part["x"])
+
+
+# -- histograms and the per-version ledger behind /metrics ------------------------------------
+
+LE_25MS = DURATION_BUCKETS_S.index(0.025)
+
+
+def test_a_duration_on_a_bucket_bound_counts_in_that_bucket() -> None:
+    assert duration_bucket(0) == 0
+    assert duration_bucket(100_000) == 0  # exactly 100 us: le="0.0001"
+    assert duration_bucket(100_001) == 1
+    assert duration_bucket(10**12) == len(DURATION_BUCKETS_S)  # past the last bound: +Inf only
+
+
+@pytest.mark.asyncio
+async def test_queue_compute_and_request_durations_land_in_their_buckets() -> None:
+    model = GatedModel()
+    async with running(model, max_batch_size=8) as batcher:
+        model.hold()
+        first = submit(batcher, row(1.0))
+        await model.wait_entered()
+        second = submit(batcher, row(2.0))
+        await queued(batcher, 1)
+        await asyncio.sleep(0.03)  # the first forward pass takes at least 30 ms
+        model.open()
+        await asyncio.wait_for(asyncio.gather(first, second), TIMEOUT)
+        stats = batcher.stats()
+    # Both requests took >= 30 ms from queue to answer; the second waited >= 30 ms queued.
+    assert sum(stats.request_buckets) == stats.success == 2
+    assert sum(stats.request_buckets[: LE_25MS + 1]) == 0
+    assert sum(stats.queue_buckets) == 2 and sum(stats.queue_buckets[LE_25MS + 1 :]) >= 1
+    assert sum(stats.compute_buckets) == stats.batches == 2
+    assert sum(stats.compute_buckets[LE_25MS + 1 :]) >= 1
+
+
+async def served_by(ledger: StatsLedger[str], key: str, requests: int) -> DynamicBatcher:
+    """A batcher tracked under `key` that answers `requests` requests, then stops."""
+    async with running(GatedModel()) as batcher:
+        ledger.track(key, batcher)
+        for value in range(requests):
+            await asyncio.wait_for(batcher.infer(row(float(value))), TIMEOUT)
+        assert ledger.totals()[key].success >= requests
+    return batcher
+
+
+@pytest.mark.asyncio
+async def test_the_ledger_keeps_a_stopped_batchers_counts_and_adds_its_successors() -> None:
+    ledger: StatsLedger[str] = StatsLedger()
+    first = await served_by(ledger, "m:1", 2)
+    ledger.retire("m:1", first)
+    assert ledger.totals()["m:1"].success == 2  # outlives its batcher
+    second = await served_by(ledger, "m:1", 1)
+    totals = ledger.totals()["m:1"]
+    assert (totals.success, totals.rows, totals.batch_sizes) == (3, 3, {1: 3})
+    assert sum(totals.request_buckets) == sum(totals.compute_buckets) == 3
+    ledger.retire("m:1", second)
+    assert ledger.totals()["m:1"].success == 3  # retired once each, never counted twice
+
+
+@pytest.mark.asyncio
+async def test_the_ledger_forgets_the_oldest_stopped_keys_but_never_a_running_one() -> None:
+    ledger: StatsLedger[str] = StatsLedger(keep=1)
+    old = await served_by(ledger, "old", 1)
+    again = await served_by(ledger, "again", 1)
+    ledger.retire("again", again)
+    ledger.track("again", again)  # "again" runs once more: its past must stay
+    ledger.retire("old", old)
+    assert set(ledger.totals()) == {"old", "again"}
+    newest = await served_by(ledger, "new", 1)
+    ledger.retire("new", newest)
+    assert set(ledger.totals()) == {"again", "new"}  # "old" went; "again" is still running
