@@ -35,8 +35,15 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# mypy --strict on registry and client, configured in pyproject.toml's [tool.mypy].
+# mypy --strict on moduleserve.registry and moduleserve.client, configured in pyproject.toml's
+# [tool.mypy]. mypy cannot follow the editable install's import hook, so a symlink tree under
+# build/typecheck gives it the installed names.
+TYPECHECK := build/typecheck/moduleserve
+
 typecheck: $(STAMP)
+	mkdir -p $(TYPECHECK)
+	ln -sfn $(CURDIR)/client $(TYPECHECK)/client
+	ln -sfn $(CURDIR)/registry $(TYPECHECK)/registry
 	$(BIN)/mypy
 
 format: $(STAMP)
@@ -45,9 +52,15 @@ format: $(STAMP)
 
 PROTOS := $(wildcard proto/*.proto)
 
+PROTO_TMP := build/proto
+
+# Generated as moduleserve/client/pb/*, so that their own imports read
+# `from moduleserve.client.pb import ...`, then copied into client/pb (installed under that name).
 proto: $(STAMP)
-	$(if $(PROTOS),$(BIN)/python -m grpc_tools.protoc -Iclient/pb=proto --python_out=. \
-		--pyi_out=. --grpc_python_out=. $(PROTOS),@echo "no .proto files")
+	$(if $(PROTOS),rm -rf $(PROTO_TMP) && mkdir -p $(PROTO_TMP) \
+		&& $(BIN)/python -m grpc_tools.protoc -Imoduleserve/client/pb=proto \
+		--python_out=$(PROTO_TMP) --pyi_out=$(PROTO_TMP) --grpc_python_out=$(PROTO_TMP) $(PROTOS) \
+		&& cp $(PROTO_TMP)/moduleserve/client/pb/*_pb2*.py* client/pb/,@echo "no .proto files")
 
 # Regenerates the stubs and fails when the committed ones were stale.
 check-proto: proto

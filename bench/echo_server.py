@@ -23,7 +23,7 @@ SERVICE = "inference.GRPCInferenceService"
 
 def grpc_options() -> list[tuple[str, int]]:
     """The options of the real server (``server/app.py``) with its default ``max_message_mb``."""
-    from server.config import ServerSettings
+    from moduleserve.server.config import ServerSettings
 
     max_bytes = min(ServerSettings.model_fields["max_message_mb"].default << 20, 2**31 - 1)
     return [

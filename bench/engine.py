@@ -41,11 +41,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import serve as serve_bench  # noqa: E402  (bench/serve.py: the registry and the request)
 
-from client.pb import oip_v2_pb2 as pb  # noqa: E402
-from registry.classes import build_module, import_class  # noqa: E402
-from server.app import App  # noqa: E402
-from server.config import ServerSettings  # noqa: E402
-from server.engine.devices import DeviceExecutors  # noqa: E402
+from moduleserve.client.pb import oip_v2_pb2 as pb  # noqa: E402
+from moduleserve.registry.classes import build_module, import_class  # noqa: E402
+from moduleserve.server.app import App  # noqa: E402
+from moduleserve.server.config import ServerSettings  # noqa: E402
+from moduleserve.server.engine.devices import DeviceExecutors  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "engine.json"
 
@@ -128,7 +128,7 @@ async def measure(
     settings = ServerSettings(
         db=f"sqlite:///{tmp}/registry.db",
         store=tmp / "store",
-        allowed_class_prefixes=["registry.demo"],
+        allowed_class_prefixes=["moduleserve.registry.demo"],
         metrics_port=None,
         batching={"max_batch_size": max_batch, "max_queue_delay_ms": args.max_queue_delay_ms},
     )
@@ -148,7 +148,7 @@ async def measure(
 def forward_after_gap(model: str, gaps_ms: list[float], repeats: int = 200) -> dict[str, float]:
     """Median single-sample forward time (us) after sleeping each gap, on one thread."""
     spec = serve_bench.MODELS[model]
-    cls = import_class(spec.import_path, ["registry.demo"])
+    cls = import_class(spec.import_path, ["moduleserve.registry.demo"])
     module = build_module(cls, spec.kwargs).eval()
     x = torch.randn(spec.sample_shape)
     medians = {}

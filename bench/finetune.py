@@ -4,11 +4,12 @@ Run from the repository root: ``.venv/bin/python bench/finetune.py``.
 
 Part 1 (overhead) trains the same model, data and batch size, on one torch thread each,
 (a) with a minimal PyTorch loop in this process and (b) as a real job: a throwaway SQLite
-registry, the job queued, a ``python -m server.jobs.worker`` process (nice 0) running it.
+registry, the job queued, a ``python -m moduleserve.server.jobs.worker`` process (nice 0)
+running it.
 The job's examples/s come from its stored events: from ``running`` to its last ``epoch``
 event, and from ``running`` to ``succeeded``. Plain and job runs alternate ``--repeats`` times.
 
-Part 2 (latency) starts ``python -m server`` with one job worker (default nice 10) and
+Part 2 (latency) starts ``python -m moduleserve.server`` with one job worker (default nice 10) and
 measures single-sample ``ModelClient.infer("mynet", x)`` latency at concurrency 1, first
 with no job, then while a long job trains (cancelled afterwards).
 
@@ -40,18 +41,18 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from client.client import ModelClient  # noqa: E402
-from registry.api import Registry, open_registry  # noqa: E402
-from registry.classes import parse_input_spec  # noqa: E402
-from registry.config import RegistrySettings  # noqa: E402
-from registry.demo.seed import seed_demo  # noqa: E402
-from registry.entities import JobEvent  # noqa: E402
-from registry.jobspec import JobSpec  # noqa: E402
-from server.jobs.data import steps_per_epoch  # noqa: E402
+from moduleserve.client.client import ModelClient  # noqa: E402
+from moduleserve.registry.api import Registry, open_registry  # noqa: E402
+from moduleserve.registry.classes import parse_input_spec  # noqa: E402
+from moduleserve.registry.config import RegistrySettings  # noqa: E402
+from moduleserve.registry.demo.seed import seed_demo  # noqa: E402
+from moduleserve.registry.entities import JobEvent  # noqa: E402
+from moduleserve.registry.jobspec import JobSpec  # noqa: E402
+from moduleserve.server.jobs.data import steps_per_epoch  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "finetune.json"
 MODEL, CLASS_NAME, DATASET = "mlpbench", "MLPBench", "synthetic"
-IMPORT_PATH = "registry.demo.models:MLP"
+IMPORT_PATH = "moduleserve.registry.demo.models:MLP"
 KWARGS = {"in_features": 784, "hidden": [256, 256], "out_features": 10, "dropout": 0.1}
 INPUT_SPEC = "x:float32:-1,784"
 LEARNING_RATE, SEED, CLASSES = 1e-3, 0, 10
@@ -80,7 +81,7 @@ def open_throwaway(tmp: Path) -> Registry:
     settings = RegistrySettings(
         db=f"sqlite:///{tmp}/registry.db",
         store=tmp / "store",
-        allowed_class_prefixes=["registry.demo"],
+        allowed_class_prefixes=["moduleserve.registry.demo"],
     )
     return open_registry(settings, migrate_schema=True)
 
@@ -156,9 +157,9 @@ def wait_until(
 def worker_command(tmp: Path) -> list[str]:
     """A job worker on the throwaway registry: one torch thread, normal priority."""
     return [
-        sys.executable, "-m", "server.jobs.worker",
+        sys.executable, "-m", "moduleserve.server.jobs.worker",
         "--db", f"sqlite:///{tmp}/registry.db", "--store", str(tmp / "store"),
-        "--allow-prefix", "registry.demo", "--torch-threads", "1", "--nice", "0",
+        "--allow-prefix", "moduleserve.registry.demo", "--torch-threads", "1", "--nice", "0",
         "--poll-s", "0.2", "--worker-id", "bench-worker",
     ]  # fmt: skip
 
@@ -166,9 +167,9 @@ def worker_command(tmp: Path) -> list[str]:
 def server_command(tmp: Path) -> list[str]:
     """The server with one job worker (default nice), on the throwaway registry."""
     return [
-        sys.executable, "-m", "server",
+        sys.executable, "-m", "moduleserve.server",
         "--db", f"sqlite:///{tmp}/registry.db", "--store", str(tmp / "store"),
-        "--allow-prefix", "registry.demo", "--grpc-port", "0",
+        "--allow-prefix", "moduleserve.registry.demo", "--grpc-port", "0",
         "--port-file", str(tmp / "server.port"), "--no-metrics",
         "--job-workers", "1", "--job-torch-threads", "1",
     ]  # fmt: skip

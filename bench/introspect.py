@@ -26,7 +26,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from registry.introspect import DEFAULT_CHUNK_ELEMENTS, tensor_summaries, totals
+from moduleserve.registry.introspect import DEFAULT_CHUNK_ELEMENTS, tensor_summaries, totals
 
 RESULTS = Path(__file__).resolve().parent / "results" / "introspect.json"
 MIB = 1 << 20

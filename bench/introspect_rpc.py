@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from introspect import PeakRss  # bench/introspect.py: this folder is on sys.path
 
-from client.client import ModelClient
-from client.introspection import IntrospectionClient
+from moduleserve.client.client import ModelClient
+from moduleserve.client.introspection import IntrospectionClient
 
 RESULTS = Path(__file__).resolve().parent / "results" / "introspect_rpc.json"
 MIB = 1 << 20
@@ -61,9 +61,9 @@ def measure(pid: int, fn: Callable[[], object], repeats: int) -> dict[str, Any]:
 
 def seed(db: str, store: Path, features: int, layers: int) -> dict[str, Any]:
     """Register Wide and push two versions (the second with its first layer changed)."""
-    from registry.api import Registry
-    from registry.classes import parse_input_spec
-    from registry.config import RegistrySettings
+    from moduleserve.registry.api import Registry
+    from moduleserve.registry.classes import parse_input_spec
+    from moduleserve.registry.config import RegistrySettings
     from tests.models import Wide
 
     registry = Registry(RegistrySettings(db=db, store=store, allowed_class_prefixes=PREFIXES))
@@ -88,10 +88,10 @@ def seed(db: str, store: Path, features: int, layers: int) -> dict[str, Any]:
 
 def serve(db: str, store: Path, port_file: Path) -> int:
     """Child process: an App with the Introspection service, until SIGTERM."""
-    from client.pb import moduleserve_v1_pb2_grpc as pb_grpc
-    from server.app import App
-    from server.config import ServerSettings
-    from server.servicers.introspection import IntrospectionServicer
+    from moduleserve.client.pb import moduleserve_v1_pb2_grpc as pb_grpc
+    from moduleserve.server.app import App
+    from moduleserve.server.config import ServerSettings
+    from moduleserve.server.servicers.introspection import IntrospectionServicer
 
     settings = ServerSettings(
         db=db, store=store, grpc_port=0, metrics_port=None, allowed_class_prefixes=PREFIXES

@@ -57,11 +57,13 @@ class BenchModel:
 
 
 MODELS = {
-    "mynet": BenchModel("mynet", "MyNet", "registry.demo.models:MyNet", {}, "x:float32:-1,3,8,8"),
+    "mynet": BenchModel(
+        "mynet", "MyNet", "moduleserve.registry.demo.models:MyNet", {}, "x:float32:-1,3,8,8"
+    ),
     "mlp": BenchModel(
         "mlp",
         "MLPBig",
-        "registry.demo.models:MLP",
+        "moduleserve.registry.demo.models:MLP",
         {"in_features": 784, "hidden": [1024, 1024], "out_features": 10, "dropout": 0.1},
         "x:float32:-1,784",
     ),
@@ -228,7 +230,7 @@ class Statistics:
     """Rows and forward passes of one model so far, from ModelStatistics (None when it fails)."""
 
     def __init__(self, target: str) -> None:
-        from client.pb import oip_v2_pb2 as pb
+        from moduleserve.client.pb import oip_v2_pb2 as pb
 
         self._pb = pb
         self._channel = grpc.insecure_channel(target)
@@ -315,7 +317,7 @@ def infer_request(model: BenchModel) -> bytes:
     """One serialized single-sample ModelInferRequest with random float32 input."""
     import numpy as np
 
-    from client.pb import oip_v2_pb2 as pb
+    from moduleserve.client.pb import oip_v2_pb2 as pb
 
     name = model.input_spec.split(":")[0]
     data = np.random.default_rng(0).standard_normal(model.sample_shape, dtype=np.float32)
@@ -330,7 +332,7 @@ def infer_request(model: BenchModel) -> bytes:
 
 def echo_response(model: BenchModel, output_name: str, output_shape: list[int]) -> bytes:
     """A serialized ModelInferResponse like the server's: one FP32 output in raw contents."""
-    from client.pb import oip_v2_pb2 as pb
+    from moduleserve.client.pb import oip_v2_pb2 as pb
 
     shape = [1, *output_shape[1:]]
     elements = 1
@@ -405,14 +407,14 @@ def build_registry(tmp: Path, models: list[BenchModel]) -> dict[str, Any]:
     """Register the classes, push one seeded version each; return name -> (output, module)."""
     import torch
 
-    from registry.api import open_registry
-    from registry.classes import parse_input_spec
-    from registry.config import RegistrySettings
+    from moduleserve.registry.api import open_registry
+    from moduleserve.registry.classes import parse_input_spec
+    from moduleserve.registry.config import RegistrySettings
 
     settings = RegistrySettings(
         db=f"sqlite:///{tmp}/registry.db",
         store=tmp / "store",
-        allowed_class_prefixes=["registry.demo"],
+        allowed_class_prefixes=["moduleserve.registry.demo"],
     )
     reg = open_registry(settings, migrate_schema=True)
     built: dict[str, Any] = {}
@@ -516,7 +518,7 @@ def server_command(tmp: Path, args: argparse.Namespace, workers: int | None) -> 
         "--grpc-port", "0",
         "--metrics-port", "0",
         "--port-file", str(tmp / "server.port"),
-        "--allow-prefix", "registry.demo",
+        "--allow-prefix", "moduleserve.registry.demo",
         "--max-batch-size", str(args.max_batch_size),
         "--max-queue-delay-ms", str(args.max_queue_delay_ms),
     ]  # fmt: skip

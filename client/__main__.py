@@ -1,7 +1,7 @@
-"""`python -m client` runs the `moduleserve` CLI."""
+"""`python -m moduleserve.client` runs the `moduleserve` CLI."""
 
 import sys
 
-from client.cli import main
+from moduleserve.client.cli import main
 
 sys.exit(main())

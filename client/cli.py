@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from client.client import ModelClient, ModelInfo
-from client.errors import ModuleServeError
-from client.inspect_cli import add_inspect_command
-from client.jobs_cli import add_jobs_commands
-from client.tables import format_table, report_error, run_main, to_json, version_text
+from moduleserve.client.client import ModelClient, ModelInfo
+from moduleserve.client.errors import ModuleServeError
+from moduleserve.client.inspect_cli import add_inspect_command
+from moduleserve.client.jobs_cli import add_jobs_commands
+from moduleserve.client.tables import format_table, report_error, run_main, to_json, version_text
 
 DEFAULT_TARGET = "127.0.0.1:8001"
 MODEL_REF_HELP = "model name, then :VERSION or :ALIAS (default: the default alias, else the latest)"

@@ -1,6 +1,6 @@
 """`ModelClient`: a friendly synchronous client for a moduleserve server.
 
-    from client.client import ModelClient
+    from moduleserve.client.client import ModelClient
 
     with ModelClient("127.0.0.1:8001") as client:
         y = client.infer("mynet", x)          # numpy in → numpy out; torch in → torch out
@@ -23,12 +23,12 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.errors import InvalidArgumentError, from_rpc_error
-from client.oip import method_path, oip_methods
-from client.pb import oip_v2_pb2 as pb
+from moduleserve.client.errors import InvalidArgumentError, from_rpc_error
+from moduleserve.client.oip import method_path, oip_methods
+from moduleserve.client.pb import oip_v2_pb2 as pb
 
 if TYPE_CHECKING:
-    from client.jobs import DatasetInfo, JobsClient
+    from moduleserve.client.jobs import DatasetInfo, JobsClient
 
 MAX_MESSAGE_BYTES = 2**31 - 1
 CHANNEL_OPTIONS = [
@@ -121,7 +121,7 @@ class ModelClient:
     @property
     def jobs(self) -> JobsClient:
         """Fine-tuning jobs and datasets on the same channel, token and timeout."""
-        from client.jobs import JobsClient  # client.jobs imports this module
+        from moduleserve.client.jobs import JobsClient  # client.jobs imports this module
 
         return JobsClient(self._channel, metadata=self._metadata, timeout=self.timeout)
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from client.client import ModelClient
-from client.errors import ModuleServeError
-from client.introspection import (
+from moduleserve.client.client import ModelClient
+from moduleserve.client.errors import ModuleServeError
+from moduleserve.client.introspection import (
     DiffMetrics,
     IntrospectionClient,
     KindFilter,
@@ -29,7 +29,7 @@ from client.introspection import (
     Totals,
     VersionDiff,
 )
-from client.tables import format_table, human_bytes, report_error, to_json
+from moduleserve.client.tables import format_table, human_bytes, report_error, to_json
 
 Handler = Callable[[argparse.Namespace], int]
 

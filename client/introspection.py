@@ -1,7 +1,7 @@
 """`IntrospectionClient`: module tree, tensor statistics, values and version diffs of a model.
 
-    from client.client import ModelClient
-    from client.introspection import IntrospectionClient
+    from moduleserve.client.client import ModelClient
+    from moduleserve.client.introspection import IntrospectionClient
 
     with ModelClient("127.0.0.1:8001") as client:
         inspect = IntrospectionClient(client.channel)
@@ -25,10 +25,10 @@ from typing import Any, Literal
 import grpc
 import numpy as np
 
-from client.client import translate_errors
-from client.pb import moduleserve_v1_pb2 as pb
-from client.pb import moduleserve_v1_pb2_grpc as pb_grpc
-from client.tables import ToDict
+from moduleserve.client.client import translate_errors
+from moduleserve.client.pb import moduleserve_v1_pb2 as pb
+from moduleserve.client.pb import moduleserve_v1_pb2_grpc as pb_grpc
+from moduleserve.client.tables import ToDict
 
 TensorKind = Literal["parameter", "buffer", ""]
 KindFilter = Literal["all", "parameters", "buffers"]

@@ -1,6 +1,6 @@
 """`JobsClient`: fine-tuning jobs and datasets over the `moduleserve.v1.Jobs`/`Datasets` services.
 
-    from client.client import ModelClient
+    from moduleserve.client.client import ModelClient
 
     with ModelClient("127.0.0.1:8001", token="...") as client:
         client.upload_dataset("pairs", {"inputs": x, "targets": y})
@@ -25,10 +25,10 @@ from typing import Any
 import grpc
 import numpy as np
 
-from client.client import translate_errors
-from client.pb import moduleserve_v1_pb2 as pb
-from client.pb import moduleserve_v1_pb2_grpc as pb_grpc
-from client.tables import ToDict
+from moduleserve.client.client import translate_errors
+from moduleserve.client.pb import moduleserve_v1_pb2 as pb
+from moduleserve.client.pb import moduleserve_v1_pb2_grpc as pb_grpc
+from moduleserve.client.tables import ToDict
 
 Metadata = Sequence[tuple[str, str]]
 

@@ -21,10 +21,16 @@ from typing import Any, TextIO
 import grpc
 import numpy as np
 
-from client.client import ModelClient
-from client.errors import ModuleServeError
-from client.jobs import FINISHED_STATES, STATES_BY_NAME, JobEventInfo, JobInfo, JobsClient
-from client.jobs_render import (
+from moduleserve.client.client import ModelClient
+from moduleserve.client.errors import ModuleServeError
+from moduleserve.client.jobs import (
+    FINISHED_STATES,
+    STATES_BY_NAME,
+    JobEventInfo,
+    JobInfo,
+    JobsClient,
+)
+from moduleserve.client.jobs_render import (
     DATASET_HEADERS,
     JOB_HEADERS,
     check_matplotlib,
@@ -40,7 +46,7 @@ from client.jobs_render import (
     plot_curves,
     write_plot_png,
 )
-from client.tables import format_table, human_bytes, to_json
+from moduleserve.client.tables import format_table, human_bytes, to_json
 
 Handler = Callable[[argparse.Namespace], int]
 

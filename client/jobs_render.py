@@ -9,8 +9,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from client.jobs import DatasetInfo, JobEventInfo, JobInfo
-from client.tables import format_table, human_bytes
+from moduleserve.client.jobs import DatasetInfo, JobEventInfo, JobInfo
+from moduleserve.client.tables import format_table, human_bytes
 
 Series = dict[str, list[tuple[float, float]]]
 

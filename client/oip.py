@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 from google.protobuf.message import Message
 
-from client.pb import oip_v2_pb2 as pb
+from moduleserve.client.pb import oip_v2_pb2 as pb
 
 OIP_SERVICE = "inference.GRPCInferenceService"
 

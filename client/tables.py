@@ -13,7 +13,7 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as distribution_version
 from typing import Any
 
-from client.errors import ModuleServeError, unreachable_sentence
+from moduleserve.client.errors import ModuleServeError, unreachable_sentence
 
 # What a shell reports for a process stopped by SIGPIPE: `| head` closed the pipe early.
 EXIT_BROKEN_PIPE = 141

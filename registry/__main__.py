@@ -1,7 +1,7 @@
-"""`python -m registry` runs the admin CLI."""
+"""`python -m moduleserve.registry` runs the admin CLI."""
 
 import sys
 
-from registry.cli import main
+from moduleserve.registry.cli import main
 
 sys.exit(main())

@@ -8,17 +8,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from registry.blobs import BlobStore
-from registry.checkpoints import Checkpoints
-from registry.classes import ClassCatalog
-from registry.config import RegistrySettings
-from registry.datasets import Datasets
-from registry.db import Database, check_schema, migrate
-from registry.entities import BlobProblem, Dataset, ModuleClass, Version
-from registry.errors import InvalidInputError, JobStateError, ModelNotFoundError, shorten
-from registry.jobs import Jobs
-from registry.names import check_alias, check_name
-from registry.uploads import DatasetUpload, DeclaredTensor
+from moduleserve.registry.blobs import BlobStore
+from moduleserve.registry.checkpoints import Checkpoints
+from moduleserve.registry.classes import ClassCatalog
+from moduleserve.registry.config import RegistrySettings
+from moduleserve.registry.datasets import Datasets
+from moduleserve.registry.db import Database, check_schema, migrate
+from moduleserve.registry.entities import BlobProblem, Dataset, ModuleClass, Version
+from moduleserve.registry.errors import (
+    InvalidInputError,
+    JobStateError,
+    ModelNotFoundError,
+    shorten,
+)
+from moduleserve.registry.jobs import Jobs
+from moduleserve.registry.names import check_alias, check_name
+from moduleserve.registry.uploads import DatasetUpload, DeclaredTensor
 
 # torch (and the modules built on it) loads on first use, not at import: admin commands
 # that only read the database (list, show, alias, verify, gc) then start in a fraction
@@ -98,8 +103,8 @@ class Registry:
         in between leaves at most an unreferenced blob (removed by `gc`), never a row
         pointing at a missing or partial file.
         """
-        from registry.formats import check_tensors, encode_tensors
-        from registry.loading import check_fits
+        from moduleserve.registry.formats import check_tensors, encode_tensors
+        from moduleserve.registry.loading import check_fits
 
         module_class = self.classes.get(class_name or self._class_of(model))
         skeleton = self.classes.build(module_class, device="meta")
@@ -131,9 +136,9 @@ class Registry:
         before its tensors are read: compressed entries may inflate to at most
         `INFLATE_FACTOR` times what the class holds, and every key, shape and dtype must fit.
         """
-        from registry.formats import read_tensor_file
-        from registry.loading import check_fits, state_nbytes
-        from registry.torchfiles import SizeLimit
+        from moduleserve.registry.formats import read_tensor_file
+        from moduleserve.registry.loading import check_fits, state_nbytes
+        from moduleserve.registry.torchfiles import SizeLimit
 
         check_name("model", model)
         path = Path(path)
@@ -158,7 +163,7 @@ class Registry:
 
     def state_dict(self, version: Version) -> dict[str, torch.Tensor]:
         """The version's tensors, after checking the blob against its digest."""
-        from registry.formats import decode_tensor_file
+        from moduleserve.registry.formats import decode_tensor_file
 
         return decode_tensor_file(self.blobs.verified_path(version.digest))
 
@@ -177,7 +182,7 @@ class Registry:
         device: str | torch.device = "cpu",
     ) -> nn.Module:
         """Build a class and load `tensors` strictly (adopting them: one copy), in eval mode."""
-        from registry.loading import load_copying, load_into
+        from moduleserve.registry.loading import load_copying, load_into
 
         skeleton = self.classes.build(module_class, device="meta")
         module = load_into(module_class.name, skeleton, tensors)
@@ -208,7 +213,7 @@ class Registry:
         else:
             import torch
 
-            from registry.formats import decode_tensors
+            from moduleserve.registry.formats import decode_tensors
 
             torch.save(decode_tensors(data), path)
         return version
@@ -219,7 +224,7 @@ class Registry:
         self, name: str, tensors: Mapping[str, torch.Tensor], description: str = ""
     ) -> Dataset:
         """Store named tensors (e.g. `inputs`, `targets`) as a dataset."""
-        from registry.formats import describe_tensors, encode_tensors
+        from moduleserve.registry.formats import describe_tensors, encode_tensors
 
         if not tensors:
             raise InvalidInputError("a dataset needs at least one tensor")
@@ -229,8 +234,8 @@ class Registry:
 
     def push_dataset_file(self, name: str, path: Path, description: str = "") -> Dataset:
         """`push_dataset` from a .safetensors, .pt or .npz file."""
-        from registry.formats import DATASET_SUFFIXES, read_tensor_file
-        from registry.torchfiles import SizeLimit
+        from moduleserve.registry.formats import DATASET_SUFFIXES, read_tensor_file
+        from moduleserve.registry.torchfiles import SizeLimit
 
         check_name("dataset", name)
         path = Path(path)
@@ -246,7 +251,7 @@ class Registry:
     def load_tensors(self, digest: str, *, verify: bool = True) -> dict[str, torch.Tensor]:
         """The tensors of a safetensors blob (a dataset or a job's epoch), memory-mapped;
         `verify` re-hashes the blob first (skip it only where nothing is trained or served)."""
-        from registry.formats import decode_tensor_file
+        from moduleserve.registry.formats import decode_tensor_file
 
         path = self.blobs.verified_path(digest) if verify else self.blobs.path(digest)
         return decode_tensor_file(path)

@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from registry.errors import IntegrityError
+from moduleserve.registry.errors import IntegrityError
 
 CHUNK = 1 << 20
 

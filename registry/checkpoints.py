@@ -8,9 +8,9 @@ from typing import Any, Final, TypedDict
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from registry.db import Database
-from registry.entities import AliasEvent, Model, Version
-from registry.errors import (
+from moduleserve.registry.db import Database
+from moduleserve.registry.entities import AliasEvent, Model, Version
+from moduleserve.registry.errors import (
     AliasConflictError,
     ClassMismatchError,
     ClassNotFoundError,
@@ -19,8 +19,15 @@ from registry.errors import (
     VersionNotFoundError,
     WriteConflictError,
 )
-from registry.names import check_alias, check_name, check_version, parse_ref
-from registry.orm import AliasEventRow, AliasRow, ModelRow, ModuleClassRow, VersionRow, utcnow
+from moduleserve.registry.names import check_alias, check_name, check_version, parse_ref
+from moduleserve.registry.orm import (
+    AliasEventRow,
+    AliasRow,
+    ModelRow,
+    ModuleClassRow,
+    VersionRow,
+    utcnow,
+)
 
 
 class _Unset:

@@ -11,17 +11,17 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from registry.db import Database
-from registry.entities import ModuleClass, TensorSpec
-from registry.errors import (
+from moduleserve.registry.db import Database
+from moduleserve.registry.entities import ModuleClass, TensorSpec
+from moduleserve.registry.errors import (
     AlreadyExistsError,
     ClassBuildError,
     ClassNotAllowedError,
     ClassNotFoundError,
     InvalidInputError,
 )
-from registry.names import check_name
-from registry.orm import ModuleClassRow
+from moduleserve.registry.names import check_name
+from moduleserve.registry.orm import ModuleClassRow
 
 # torch is imported by the functions that build or check a class, not here: reading the
 # catalog (`classes list`, `show`) then does not pay torch's 1-2 s import.
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 def parse_input_spec(text: str) -> TensorSpec:
     """Parse `name:dtype:shape`, e.g. `x:float32:-1,3,8,8` (-1 marks the batch dimension)."""
-    from registry.formats import parse_dtype
+    from moduleserve.registry.formats import parse_dtype
 
     parts = text.split(":")
     if len(parts) != 3:
@@ -111,7 +111,7 @@ def infer_outputs(module: nn.Module, inputs: Sequence[TensorSpec]) -> tuple[Tens
     """Run a forward on the meta device to learn the output names, dtypes and shapes."""
     import torch
 
-    from registry.formats import dtype_name, parse_dtype
+    from moduleserve.registry.formats import dtype_name, parse_dtype
 
     args = [
         torch.empty(

@@ -10,10 +10,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from client.tables import os_error_code, print_error, run_main, version_text
-from registry import errors
-from registry.api import Registry
-from registry.commands import (
+from moduleserve.client.tables import os_error_code, print_error, run_main, version_text
+from moduleserve.registry import errors
+from moduleserve.registry.api import Registry
+from moduleserve.registry.commands import (
     cmd_alias_history,
     cmd_alias_set,
     cmd_alias_unset,
@@ -34,9 +34,9 @@ from registry.commands import (
     cmd_tag,
     cmd_verify,
 )
-from registry.config import RegistrySettings
-from registry.errors import RegistryError
-from registry.inspect_cli import add_inspect_command
+from moduleserve.registry.config import RegistrySettings
+from moduleserve.registry.errors import RegistryError
+from moduleserve.registry.inspect_cli import add_inspect_command
 
 Handler = Callable[[Registry, argparse.Namespace], int]
 REF_HELP = "model name, then :VERSION or :ALIAS (default: the default alias, else the latest)"
@@ -131,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-prefix",
         action="append",
         metavar="PACKAGE",
-        help="package whose classes may be registered, besides registry.demo (repeatable; env "
-        "MODULESERVE_ALLOWED_CLASS_PREFIXES as a JSON list)",
+        help="package whose classes may be registered, besides moduleserve.registry.demo "
+        "(repeatable; env MODULESERVE_ALLOWED_CLASS_PREFIXES as a JSON list)",
     )
     parser.add_argument(
         "--class-path",

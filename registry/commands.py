@@ -9,13 +9,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from client.tables import format_table, human_bytes, to_json
-from registry.api import Registry
-from registry.checkpoints import UNSET, _Unset
-from registry.classes import parse_input_spec
-from registry.entities import ModuleClass
-from registry.errors import InvalidInputError
-from registry.names import parse_version, split_ref
+from moduleserve.client.tables import format_table, human_bytes, to_json
+from moduleserve.registry.api import Registry
+from moduleserve.registry.checkpoints import UNSET, _Unset
+from moduleserve.registry.classes import parse_input_spec
+from moduleserve.registry.entities import ModuleClass
+from moduleserve.registry.errors import InvalidInputError
+from moduleserve.registry.names import parse_version, split_ref
 
 
 def actor() -> str:
@@ -42,7 +42,9 @@ def cmd_init(registry: Registry, args: argparse.Namespace) -> int:
 
 def cmd_demo(registry: Registry, args: argparse.Namespace) -> int:
     """Seed the demo models (idempotent)."""
-    from registry.demo.seed import seed_demo  # imports torch: only this command needs it
+    from moduleserve.registry.demo.seed import (
+        seed_demo,  # imports torch: only this command needs it
+    )
 
     pushed = seed_demo(registry)
     text = "\n".join(f"pushed {v.model}:{v.version} ({v.class_name})" for v in pushed)

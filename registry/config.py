@@ -23,7 +23,7 @@ from pydantic_settings import (
 )
 
 DEFAULT_DATA_DIR = Path("data")
-DEMO_PREFIX = "registry.demo"
+DEMO_PREFIX = "moduleserve.registry.demo"
 CONFIG_FILE = "moduleserve.toml"
 CONFIG_ENV = "MODULESERVE_CONFIG"
 
@@ -41,7 +41,7 @@ class RegistrySettings(BaseSettings):
 
     allowed_class_prefixes: list[str] = Field(default_factory=list)
     """Python packages whose classes may be registered (`pkg` allows `pkg` and `pkg.*`),
-    besides the demo's `registry.demo`, which is always allowed."""
+    besides the demo's `moduleserve.registry.demo`, which is always allowed."""
 
     class_path: list[Path] = Field(default_factory=list)
     """Folders to import Module classes' packages from (put on sys.path), for a package

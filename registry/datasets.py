@@ -7,11 +7,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from registry.db import Database
-from registry.entities import Dataset
-from registry.errors import AlreadyExistsError, DatasetNotFoundError
-from registry.names import check_name
-from registry.orm import DatasetRow, utcnow
+from moduleserve.registry.db import Database
+from moduleserve.registry.entities import Dataset
+from moduleserve.registry.errors import AlreadyExistsError, DatasetNotFoundError
+from moduleserve.registry.names import check_name
+from moduleserve.registry.orm import DatasetRow, utcnow
 
 
 class Datasets:

@@ -18,7 +18,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from registry.errors import (
+from moduleserve.registry.errors import (
     RegistryMissingError,
     RegistryUnavailableError,
     SchemaOutdatedError,
@@ -114,9 +114,9 @@ def wrap_db_errors() -> Iterator[None]:
 
 def alembic_config(connection: sa.Connection | None = None) -> Config:
     """The Alembic configuration shipped in the package (works from a wheel too)."""
-    ini = resources.files("registry") / "alembic.ini"
+    ini = resources.files("moduleserve.registry") / "alembic.ini"
     config = Config(str(ini))
-    config.set_main_option("script_location", "registry:migrations")
+    config.set_main_option("script_location", "moduleserve.registry:migrations")
     if connection is not None:
         config.attributes["connection"] = connection
     return config

@@ -20,8 +20,8 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file as safetensors_load_file
 from safetensors.torch import save as safetensors_save
 
-from registry.errors import CheckpointFormatError, UnsafeCheckpointError, shorten
-from registry.torchfiles import (
+from moduleserve.registry.errors import CheckpointFormatError, UnsafeCheckpointError, shorten
+from moduleserve.registry.torchfiles import (
     SizeLimit,
     check_no_repeated_bytes,
     read_torch_file,

@@ -13,12 +13,18 @@ import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from client import introspection as client_side
-from client.inspect_cli import add_views, render_diff, render_listing, render_tree, render_values
-from registry.api import Registry
-from registry.entities import Version
-from registry.errors import InvalidInputError
-from registry.names import split_ref
+from moduleserve.client import introspection as client_side
+from moduleserve.client.inspect_cli import (
+    add_views,
+    render_diff,
+    render_listing,
+    render_tree,
+    render_values,
+)
+from moduleserve.registry.api import Registry
+from moduleserve.registry.entities import Version
+from moduleserve.registry.errors import InvalidInputError
+from moduleserve.registry.names import split_ref
 
 # registry.inspection and registry.introspect import torch: they are imported inside the
 # commands, so that `moduleserve-registry` commands without weights start fast.
@@ -57,7 +63,7 @@ def to_client(result: Any, kinds: Mapping[str, str] | None = None, **extra: Any)
     Fields a and b become base and other; a StateDiff becomes a VersionDiff whose entries
     take their kind from `kinds`. `extra` gives the fields the result lacks (base, other).
     """
-    from registry import introspect
+    from moduleserve.registry import introspect
 
     if isinstance(result, list | tuple):
         return tuple(to_client(item, kinds) for item in result)
@@ -78,7 +84,7 @@ def _one_sentence(func: Handler) -> Handler:
 
     @functools.wraps(func)
     def wrapper(registry: Registry, args: argparse.Namespace) -> int:
-        from registry import introspect
+        from moduleserve.registry import introspect
 
         try:
             return func(registry, args)
@@ -99,7 +105,7 @@ def _model_version(version: Version) -> client_side.ModelVersion:
 @_one_sentence
 def cmd_tree(registry: Registry, args: argparse.Namespace) -> int:
     """Print the module tree like print(model), with counts (built on meta: no weights read)."""
-    from registry import inspection, introspect
+    from moduleserve.registry import inspection, introspect
 
     version = _resolve(registry, args)
     nodes, totals = inspection.tree(registry, version)
@@ -113,7 +119,7 @@ def cmd_tree(registry: Registry, args: argparse.Namespace) -> int:
 @_one_sentence
 def cmd_tensors(registry: Registry, args: argparse.Namespace) -> int:
     """Print parameters or buffers with statistics, then the module's totals."""
-    from registry import inspection, introspect
+    from moduleserve.registry import inspection, introspect
 
     if args.pattern is not None:
         introspect.check_pattern(args.pattern)  # refuse before any weights are read
@@ -129,7 +135,7 @@ def cmd_tensors(registry: Registry, args: argparse.Namespace) -> int:
 @_one_sentence
 def cmd_tensor(registry: Registry, args: argparse.Namespace) -> int:
     """Print one tensor's values, as the client decodes them (bfloat16 widened to float32)."""
-    from registry import inspection, introspect
+    from moduleserve.registry import inspection, introspect
 
     cap = inspection.element_cap(args.max_elements or 0)
     version = _resolve(registry, args)
@@ -143,7 +149,7 @@ def cmd_tensor(registry: Registry, args: argparse.Namespace) -> int:
 @_one_sentence
 def cmd_diff(registry: Registry, args: argparse.Namespace) -> int:
     """Print per-tensor changes of OTHER against MODEL[:VERSION] and summary counts."""
-    from registry import inspection
+    from moduleserve.registry import inspection
 
     base_ref = split_ref(args.model)
     other_ref = split_ref(args.other if ":" in args.other else f"{base_ref[0]}:{args.other}")

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from registry import introspect
-from registry.entities import Version
-from registry.errors import InvalidInputError
+from moduleserve.registry import introspect
+from moduleserve.registry.entities import Version
+from moduleserve.registry.errors import InvalidInputError
 
 if TYPE_CHECKING:
-    from registry.api import Registry
+    from moduleserve.registry.api import Registry
 
 
 class IncompatibleClassesError(InvalidInputError):

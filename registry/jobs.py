@@ -20,9 +20,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from registry.checkpoints import Checkpoints
-from registry.db import Database
-from registry.entities import (
+from moduleserve.registry.checkpoints import Checkpoints
+from moduleserve.registry.db import Database
+from moduleserve.registry.entities import (
     FINISHED_JOB_STATES,
     JOB_STATES,
     Job,
@@ -30,8 +30,8 @@ from registry.entities import (
     JobEvent,
     Version,
 )
-from registry.errors import InvalidInputError, JobNotFoundError, JobStateError
-from registry.orm import JobEpochRow, JobEventRow, JobRow, ModelRow, utcnow
+from moduleserve.registry.errors import InvalidInputError, JobNotFoundError, JobStateError
+from moduleserve.registry.orm import JobEpochRow, JobEventRow, JobRow, ModelRow, utcnow
 
 MAX_JOB_ID_LENGTH = 32
 MAX_REASON_LENGTH = 2000

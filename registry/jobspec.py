@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from registry.errors import InvalidInputError
+from moduleserve.registry.errors import InvalidInputError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LOSSES = ("cross_entropy", "mse", "l1")

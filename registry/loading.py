@@ -8,8 +8,8 @@ from itertools import chain
 import torch
 from torch import nn
 
-from registry.errors import StateDictMismatchError
-from registry.formats import dtype_name
+from moduleserve.registry.errors import StateDictMismatchError
+from moduleserve.registry.formats import dtype_name
 
 
 def check_fits(

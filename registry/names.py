@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from registry.errors import InvalidInputError, InvalidNameError, shorten
+from moduleserve.registry.errors import InvalidInputError, InvalidNameError, shorten
 
 # Names end up in file paths, URLs and CLI arguments: keep them to a safe alphabet.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")

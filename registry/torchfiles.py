@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from registry.errors import (
+from moduleserve.registry.errors import (
     CheckpointFormatError,
     InvalidInputError,
     UnsafeCheckpointError,

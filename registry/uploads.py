@@ -10,11 +10,11 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from registry.blobs import BlobStore, BlobWriter
-from registry.datasets import Datasets
-from registry.entities import Dataset
-from registry.errors import AlreadyExistsError, DatasetNotFoundError, InvalidInputError
-from registry.names import check_name
+from moduleserve.registry.blobs import BlobStore, BlobWriter
+from moduleserve.registry.datasets import Datasets
+from moduleserve.registry.entities import Dataset
+from moduleserve.registry.errors import AlreadyExistsError, DatasetNotFoundError, InvalidInputError
+from moduleserve.registry.names import check_name
 
 # torch dtype name → (safetensors code, bytes per element).
 SAFETENSORS_DTYPES = {

@@ -1,7 +1,7 @@
-"""`python -m server` runs the gRPC server."""
+"""`python -m moduleserve.server` runs the gRPC server."""
 
 import sys
 
-from server.cli import main
+from moduleserve.server.cli import main
 
 sys.exit(main())

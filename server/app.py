@@ -17,20 +17,26 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from client.oip import OIP_SERVICE
-from client.pb import moduleserve_v1_pb2, moduleserve_v1_pb2_grpc, oip_v2_pb2
-from registry.api import Registry
-from server.config import ServerSettings
-from server.engine.cache import ModelCache
-from server.engine.devices import DeviceExecutors, resolve_device
-from server.jobs.supervisor import WorkerProcesses
-from server.metrics import EngineCollector, MetricsServer
-from server.security import Authorizer, server_credentials
-from server.servicers.introspection import IntrospectionServicer
-from server.servicers.jobs import DatasetsServicer, JobsServicer
-from server.servicers.oip import InferenceServicer, oip_handler
-from server.status import DecodeErrorInterceptor
-from server.workers import PortInUseError, PortMode, check_port_free, start_workers, stop_workers
+from moduleserve.client.oip import OIP_SERVICE
+from moduleserve.client.pb import moduleserve_v1_pb2, moduleserve_v1_pb2_grpc, oip_v2_pb2
+from moduleserve.registry.api import Registry
+from moduleserve.server.config import ServerSettings
+from moduleserve.server.engine.cache import ModelCache
+from moduleserve.server.engine.devices import DeviceExecutors, resolve_device
+from moduleserve.server.jobs.supervisor import WorkerProcesses
+from moduleserve.server.metrics import EngineCollector, MetricsServer
+from moduleserve.server.security import Authorizer, server_credentials
+from moduleserve.server.servicers.introspection import IntrospectionServicer
+from moduleserve.server.servicers.jobs import DatasetsServicer, JobsServicer
+from moduleserve.server.servicers.oip import InferenceServicer, oip_handler
+from moduleserve.server.status import DecodeErrorInterceptor
+from moduleserve.server.workers import (
+    PortInUseError,
+    PortMode,
+    check_port_free,
+    start_workers,
+    stop_workers,
+)
 
 logger = logging.getLogger(__name__)
 

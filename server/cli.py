@@ -12,12 +12,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from client.tables import version_text
-from server.app import serve
-from server.config import BatchingSettings, ServerSettings, settings_error_text
-from server.engine.devices import resolve_device
-from server.logs import configure_logging
-from server.workers import JOIN_FLAG
+from moduleserve.client.tables import version_text
+from moduleserve.server.app import serve
+from moduleserve.server.config import BatchingSettings, ServerSettings, settings_error_text
+from moduleserve.server.engine.devices import resolve_device
+from moduleserve.server.logs import configure_logging
+from moduleserve.server.workers import JOIN_FLAG
 
 BATCHING_FLAGS = ("max_batch_size", "max_queue_delay_ms", "preferred_batch_sizes", "max_queue_size")
 
@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         dest="allowed_class_prefixes",
         metavar="PACKAGE",
-        help="package whose Module classes may be loaded, besides registry.demo (repeatable)",
+        help="package whose Module classes may be loaded, besides moduleserve.registry.demo "
+        "(repeatable)",
     )
     add(
         "--class-path",

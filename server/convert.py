@@ -16,8 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from client.pb import oip_v2_pb2 as pb
-from server.errors import ByteCountError, DtypeError, InvalidInputError, ShapeMismatchError
+from moduleserve.client.pb import oip_v2_pb2 as pb
+from moduleserve.server.errors import (
+    ByteCountError,
+    DtypeError,
+    InvalidInputError,
+    ShapeMismatchError,
+)
 
 InferInputTensor = pb.ModelInferRequest.InferInputTensor
 InferOutputTensor = pb.ModelInferResponse.InferOutputTensor

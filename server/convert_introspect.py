@@ -6,10 +6,10 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from client.pb import moduleserve_v1_pb2 as pb
-from registry.entities import Version
-from registry.errors import InvalidInputError
-from registry.introspect import (
+from moduleserve.client.pb import moduleserve_v1_pb2 as pb
+from moduleserve.registry.entities import Version
+from moduleserve.registry.errors import InvalidInputError
+from moduleserve.registry.introspect import (
     DiffMetrics,
     Kind,
     ModuleNode,

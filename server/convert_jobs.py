@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from client.pb import moduleserve_v1_pb2 as pb
-from registry.entities import Dataset, Job, JobEvent
-from registry.jobspec import JobSpec
-from registry.uploads import DeclaredTensor
+from moduleserve.client.pb import moduleserve_v1_pb2 as pb
+from moduleserve.registry.entities import Dataset, Job, JobEvent
+from moduleserve.registry.jobspec import JobSpec
+from moduleserve.registry.uploads import DeclaredTensor
 
 STATE_TO_PB = {
     "queued": pb.JOB_STATE_QUEUED,

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from client.pb import oip_v2_pb2 as pb
-from registry.entities import Model, ModuleClass, TensorSpec, Version
-from registry.formats import parse_dtype
-from server.config import BatchingSettings
-from server.convert import datatype_of
-from server.engine.batcher import BatcherStats
+from moduleserve.client.pb import oip_v2_pb2 as pb
+from moduleserve.registry.entities import Model, ModuleClass, TensorSpec, Version
+from moduleserve.registry.formats import parse_dtype
+from moduleserve.server.config import BatchingSettings
+from moduleserve.server.convert import datatype_of
+from moduleserve.server.engine.batcher import BatcherStats
 
 PLATFORM = "pytorch"
 BACKEND = "moduleserve"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from registry.errors import shorten
+from moduleserve.registry.errors import shorten
 
 # What a sentence quotes of a client-chosen name (model, tensor): enough to recognise it.
 QUOTED_CHARS = 64

@@ -6,11 +6,11 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from registry.entities import ModuleClass
-from registry.formats import parse_dtype
-from server.convert import check_input
-from server.engine.cache import LoadedModel, ModelCache
-from server.errors import InvalidInputError
+from moduleserve.registry.entities import ModuleClass
+from moduleserve.registry.formats import parse_dtype
+from moduleserve.server.convert import check_input
+from moduleserve.server.engine.cache import LoadedModel, ModelCache
+from moduleserve.server.errors import InvalidInputError
 
 
 def check_inputs(

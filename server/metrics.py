@@ -18,8 +18,8 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
-from server.engine.batcher import DURATION_BUCKETS_S, BatcherStats
-from server.engine.cache import ModelCache
+from moduleserve.server.engine.batcher import DURATION_BUCKETS_S, BatcherStats
+from moduleserve.server.engine.cache import ModelCache
 
 LABELS = ["model", "version"]
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import grpc
 
-from server.errors import PermissionDeniedError, UnauthenticatedError
+from moduleserve.server.errors import PermissionDeniedError, UnauthenticatedError
 
 
 class Authorizer:

@@ -12,9 +12,9 @@ from typing import Any, TypeAlias, TypeVar
 import grpc
 from google.protobuf.message import DecodeError
 
-from registry import errors as registry_errors
-from registry import introspect
-from server import errors as server_errors
+from moduleserve.registry import errors as registry_errors
+from moduleserve.registry import introspect
+from moduleserve.server import errors as server_errors
 
 logger = logging.getLogger(__name__)
 

@@ -91,7 +91,7 @@ def worker_argv(argv: Sequence[str], port: int) -> list[str]:
 
 def start_workers(count: int, argv: Sequence[str], port: int) -> list[subprocess.Popen[bytes]]:
     """Start `count` worker processes serving `port`."""
-    args = [sys.executable, "-m", "server", *worker_argv(argv, port)]
+    args = [sys.executable, "-m", "moduleserve.server", *worker_argv(argv, port)]
     workers = [subprocess.Popen(args) for _ in range(count)]
     logger.info("started %d extra worker process(es) on port %d", count, port)
     return workers

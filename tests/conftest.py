@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from registry.api import Registry
+from moduleserve.registry.api import Registry
 from tests.helpers import (
     ServerThread,
     postgres_schema,
@@ -64,8 +64,8 @@ def sqlite_registry(tmp_path: Path) -> Iterator[Registry]:
 @pytest.fixture
 def demo_registry(tmp_path: Path) -> Iterator[Registry]:
     """A SQLite registry seeded with the demo models plus the tests' own classes."""
-    from registry.classes import parse_input_spec
-    from registry.demo.seed import seed_demo
+    from moduleserve.registry.classes import parse_input_spec
+    from moduleserve.registry.demo.seed import seed_demo
 
     reg = Registry(registry_settings(f"sqlite:///{tmp_path / 'registry.db'}", tmp_path / "store"))
     reg.init()

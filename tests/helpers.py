@@ -17,13 +17,13 @@ import sqlalchemy as sa
 import torch
 from torch import nn
 
-from client.introspection import Totals
-from registry.cli import main as registry_cli
-from registry.config import RegistrySettings
+from moduleserve.client.introspection import Totals
+from moduleserve.registry.cli import main as registry_cli
+from moduleserve.registry.config import RegistrySettings
 
 REPO = Path(__file__).resolve().parent.parent
 POSTGRES_ENV = "MODULESERVE_TEST_POSTGRES_URL"
-DEMO_PREFIXES = ["registry.demo", "tests.models"]
+DEMO_PREFIXES = ["moduleserve.registry.demo", "tests.models"]
 
 
 def postgres_url() -> str | None:
@@ -59,7 +59,7 @@ def subprocess_env(db_url: str, store: Path) -> dict[str, str]:
         {
             "MODULESERVE_DB": db_url,
             "MODULESERVE_STORE": str(store),
-            "MODULESERVE_ALLOWED_CLASS_PREFIXES": '["registry.demo", "tests.models"]',
+            "MODULESERVE_ALLOWED_CLASS_PREFIXES": '["moduleserve.registry.demo", "tests.models"]',
             "PYTHONPATH": str(REPO),
         }
     )
@@ -86,7 +86,7 @@ class ServerThread:
         import asyncio
         import threading
 
-        from server.app import App
+        from moduleserve.server.app import App
 
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -113,14 +113,14 @@ class ServerThread:
 
 async def _make_app(settings: object) -> object:
     # App builds grpc.aio objects, which bind to the running loop: build it on that loop.
-    from server.app import App
+    from moduleserve.server.app import App
 
     return App(settings)  # type: ignore[arg-type]
 
 
 def server_settings(db_url: str, store: Path, **overrides: object) -> object:
     """ServerSettings for tests: ephemeral port, no metrics endpoint, test classes allowed."""
-    from server.config import ServerSettings
+    from moduleserve.server.config import ServerSettings
 
     values: dict[str, object] = {
         "db": db_url,
@@ -194,7 +194,14 @@ class Cli:
     """Runs `moduleserve-registry` in-process against one registry and captures its output."""
 
     def __init__(self, db_url: str, store: Path, capsys: pytest.CaptureFixture[str]) -> None:
-        self.base = ["--db", db_url, "--store", str(store), "--allow-prefix", "registry.demo"]
+        self.base = [
+            "--db",
+            db_url,
+            "--store",
+            str(store),
+            "--allow-prefix",
+            "moduleserve.registry.demo",
+        ]
         self.capsys = capsys
 
     def __call__(self, *args: str) -> tuple[int, str, str]:

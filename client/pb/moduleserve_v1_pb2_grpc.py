@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from client.pb import moduleserve_v1_pb2 as client_dot_pb_dot_moduleserve__v1__pb2
+from moduleserve.client.pb import moduleserve_v1_pb2 as moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in client/pb/moduleserve_v1_pb2_grpc.py depends on'
+        + ' but the generated code in moduleserve/client/pb/moduleserve_v1_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,23 +37,23 @@ class IntrospectionStub:
         """
         self.GetModuleTree = channel.unary_unary(
                 '/moduleserve.v1.Introspection/GetModuleTree',
-                request_serializer=client_dot_pb_dot_moduleserve__v1__pb2.GetModuleTreeRequest.SerializeToString,
-                response_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.GetModuleTreeResponse.FromString,
+                request_serializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.GetModuleTreeRequest.SerializeToString,
+                response_deserializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.GetModuleTreeResponse.FromString,
                 _registered_method=True)
         self.ListTensors = channel.unary_unary(
                 '/moduleserve.v1.Introspection/ListTensors',
-                request_serializer=client_dot_pb_dot_moduleserve__v1__pb2.ListTensorsRequest.SerializeToString,
-                response_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.ListTensorsResponse.FromString,
+                request_serializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.ListTensorsRequest.SerializeToString,
+                response_deserializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.ListTensorsResponse.FromString,
                 _registered_method=True)
         self.GetTensor = channel.unary_unary(
                 '/moduleserve.v1.Introspection/GetTensor',
-                request_serializer=client_dot_pb_dot_moduleserve__v1__pb2.GetTensorRequest.SerializeToString,
-                response_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.GetTensorResponse.FromString,
+                request_serializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.GetTensorRequest.SerializeToString,
+                response_deserializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.GetTensorResponse.FromString,
                 _registered_method=True)
         self.DiffVersions = channel.unary_unary(
                 '/moduleserve.v1.Introspection/DiffVersions',
-                request_serializer=client_dot_pb_dot_moduleserve__v1__pb2.DiffVersionsRequest.SerializeToString,
-                response_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.DiffVersionsResponse.FromString,
+                request_serializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.DiffVersionsRequest.SerializeToString,
+                response_deserializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.DiffVersionsResponse.FromString,
                 _registered_method=True)
 
 
@@ -99,23 +99,23 @@ def add_IntrospectionServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetModuleTree': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModuleTree,
-                    request_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.GetModuleTreeRequest.FromString,
-                    response_serializer=client_dot_pb_dot_moduleserve__v1__pb2.GetModuleTreeResponse.SerializeToString,
+                    request_deserializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.GetModuleTreeRequest.FromString,
+                    response_serializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.GetModuleTreeResponse.SerializeToString,
             ),
             'ListTensors': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTensors,
-                    request_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.ListTensorsRequest.FromString,
-                    response_serializer=client_dot_pb_dot_moduleserve__v1__pb2.ListTensorsResponse.SerializeToString,
+                    request_deserializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.ListTensorsRequest.FromString,
+                    response_serializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.ListTensorsResponse.SerializeToString,
             ),
             'GetTensor': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTensor,
-                    request_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.GetTensorRequest.FromString,
-                    response_serializer=client_dot_pb_dot_moduleserve__v1__pb2.GetTensorResponse.SerializeToString,
+                    request_deserializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.GetTensorRequest.FromString,
+                    response_serializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.GetTensorResponse.SerializeToString,
             ),
             'DiffVersions': grpc.unary_unary_rpc_method_handler(
                     servicer.DiffVersions,
-                    request_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.DiffVersionsRequest.FromString,
-                    response_serializer=client_dot_pb_dot_moduleserve__v1__pb2.DiffVersionsResponse.SerializeToString,
+                    request_deserializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.DiffVersionsRequest.FromString,
+                    response_serializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.DiffVersionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -144,8 +144,8 @@ class Introspection:
             request,
             target,
             '/moduleserve.v1.Introspection/GetModuleTree',
-            client_dot_pb_dot_moduleserve__v1__pb2.GetModuleTreeRequest.SerializeToString,
-            client_dot_pb_dot_moduleserve__v1__pb2.GetModuleTreeResponse.FromString,
+            moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.GetModuleTreeRequest.SerializeToString,
+            moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.GetModuleTreeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -171,8 +171,8 @@ class Introspection:
             request,
             target,
             '/moduleserve.v1.Introspection/ListTensors',
-            client_dot_pb_dot_moduleserve__v1__pb2.ListTensorsRequest.SerializeToString,
-            client_dot_pb_dot_moduleserve__v1__pb2.ListTensorsResponse.FromString,
+            moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.ListTensorsRequest.SerializeToString,
+            moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.ListTensorsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -198,8 +198,8 @@ class Introspection:
             request,
             target,
             '/moduleserve.v1.Introspection/GetTensor',
-            client_dot_pb_dot_moduleserve__v1__pb2.GetTensorRequest.SerializeToString,
-            client_dot_pb_dot_moduleserve__v1__pb2.GetTensorResponse.FromString,
+            moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.GetTensorRequest.SerializeToString,
+            moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.GetTensorResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -225,8 +225,8 @@ class Introspection:
             request,
             target,
             '/moduleserve.v1.Introspection/DiffVersions',
-            client_dot_pb_dot_moduleserve__v1__pb2.DiffVersionsRequest.SerializeToString,
-            client_dot_pb_dot_moduleserve__v1__pb2.DiffVersionsResponse.FromString,
+            moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.DiffVersionsRequest.SerializeToString,
+            moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.DiffVersionsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -260,38 +260,38 @@ class JobsStub:
         """
         self.CreateJob = channel.unary_unary(
                 '/moduleserve.v1.Jobs/CreateJob',
-                request_serializer=client_dot_pb_dot_moduleserve__v1__pb2.CreateJobRequest.SerializeToString,
-                response_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.CreateJobResponse.FromString,
+                request_serializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.CreateJobRequest.SerializeToString,
+                response_deserializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.CreateJobResponse.FromString,
                 _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/moduleserve.v1.Jobs/GetJob',
-                request_serializer=client_dot_pb_dot_moduleserve__v1__pb2.GetJobRequest.SerializeToString,
-                response_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.GetJobResponse.FromString,
+                request_serializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.GetJobResponse.FromString,
                 _registered_method=True)
         self.ListJobs = channel.unary_unary(
                 '/moduleserve.v1.Jobs/ListJobs',
-                request_serializer=client_dot_pb_dot_moduleserve__v1__pb2.ListJobsRequest.SerializeToString,
-                response_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.ListJobsResponse.FromString,
+                request_serializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.ListJobsResponse.FromString,
                 _registered_method=True)
         self.WatchJob = channel.unary_stream(
                 '/moduleserve.v1.Jobs/WatchJob',
-                request_serializer=client_dot_pb_dot_moduleserve__v1__pb2.WatchJobRequest.SerializeToString,
-                response_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.JobEvent.FromString,
+                request_serializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.WatchJobRequest.SerializeToString,
+                response_deserializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.JobEvent.FromString,
                 _registered_method=True)
         self.ListJobEvents = channel.unary_unary(
                 '/moduleserve.v1.Jobs/ListJobEvents',
-                request_serializer=client_dot_pb_dot_moduleserve__v1__pb2.ListJobEventsRequest.SerializeToString,
-                response_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.ListJobEventsResponse.FromString,
+                request_serializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.ListJobEventsRequest.SerializeToString,
+                response_deserializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.ListJobEventsResponse.FromString,
                 _registered_method=True)
         self.CancelJob = channel.unary_unary(
                 '/moduleserve.v1.Jobs/CancelJob',
-                request_serializer=client_dot_pb_dot_moduleserve__v1__pb2.CancelJobRequest.SerializeToString,
-                response_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.CancelJobResponse.FromString,
+                request_serializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.CancelJobResponse.FromString,
                 _registered_method=True)
         self.PromoteJob = channel.unary_unary(
                 '/moduleserve.v1.Jobs/PromoteJob',
-                request_serializer=client_dot_pb_dot_moduleserve__v1__pb2.PromoteJobRequest.SerializeToString,
-                response_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.PromoteJobResponse.FromString,
+                request_serializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.PromoteJobRequest.SerializeToString,
+                response_deserializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.PromoteJobResponse.FromString,
                 _registered_method=True)
 
 
@@ -365,38 +365,38 @@ def add_JobsServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'CreateJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateJob,
-                    request_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.CreateJobRequest.FromString,
-                    response_serializer=client_dot_pb_dot_moduleserve__v1__pb2.CreateJobResponse.SerializeToString,
+                    request_deserializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.CreateJobRequest.FromString,
+                    response_serializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.CreateJobResponse.SerializeToString,
             ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
-                    request_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.GetJobRequest.FromString,
-                    response_serializer=client_dot_pb_dot_moduleserve__v1__pb2.GetJobResponse.SerializeToString,
+                    request_deserializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.GetJobRequest.FromString,
+                    response_serializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.GetJobResponse.SerializeToString,
             ),
             'ListJobs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListJobs,
-                    request_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.ListJobsRequest.FromString,
-                    response_serializer=client_dot_pb_dot_moduleserve__v1__pb2.ListJobsResponse.SerializeToString,
+                    request_deserializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.ListJobsRequest.FromString,
+                    response_serializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.ListJobsResponse.SerializeToString,
             ),
             'WatchJob': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchJob,
-                    request_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.WatchJobRequest.FromString,
-                    response_serializer=client_dot_pb_dot_moduleserve__v1__pb2.JobEvent.SerializeToString,
+                    request_deserializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.WatchJobRequest.FromString,
+                    response_serializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.JobEvent.SerializeToString,
             ),
             'ListJobEvents': grpc.unary_unary_rpc_method_handler(
                     servicer.ListJobEvents,
-                    request_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.ListJobEventsRequest.FromString,
-                    response_serializer=client_dot_pb_dot_moduleserve__v1__pb2.ListJobEventsResponse.SerializeToString,
+                    request_deserializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.ListJobEventsRequest.FromString,
+                    response_serializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.ListJobEventsResponse.SerializeToString,
             ),
             'CancelJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelJob,
-                    request_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.CancelJobRequest.FromString,
-                    response_serializer=client_dot_pb_dot_moduleserve__v1__pb2.CancelJobResponse.SerializeToString,
+                    request_deserializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.CancelJobRequest.FromString,
+                    response_serializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.CancelJobResponse.SerializeToString,
             ),
             'PromoteJob': grpc.unary_unary_rpc_method_handler(
                     servicer.PromoteJob,
-                    request_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.PromoteJobRequest.FromString,
-                    response_serializer=client_dot_pb_dot_moduleserve__v1__pb2.PromoteJobResponse.SerializeToString,
+                    request_deserializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.PromoteJobRequest.FromString,
+                    response_serializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.PromoteJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -435,8 +435,8 @@ class Jobs:
             request,
             target,
             '/moduleserve.v1.Jobs/CreateJob',
-            client_dot_pb_dot_moduleserve__v1__pb2.CreateJobRequest.SerializeToString,
-            client_dot_pb_dot_moduleserve__v1__pb2.CreateJobResponse.FromString,
+            moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.CreateJobRequest.SerializeToString,
+            moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.CreateJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -462,8 +462,8 @@ class Jobs:
             request,
             target,
             '/moduleserve.v1.Jobs/GetJob',
-            client_dot_pb_dot_moduleserve__v1__pb2.GetJobRequest.SerializeToString,
-            client_dot_pb_dot_moduleserve__v1__pb2.GetJobResponse.FromString,
+            moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.GetJobRequest.SerializeToString,
+            moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.GetJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -489,8 +489,8 @@ class Jobs:
             request,
             target,
             '/moduleserve.v1.Jobs/ListJobs',
-            client_dot_pb_dot_moduleserve__v1__pb2.ListJobsRequest.SerializeToString,
-            client_dot_pb_dot_moduleserve__v1__pb2.ListJobsResponse.FromString,
+            moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.ListJobsRequest.SerializeToString,
+            moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.ListJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -516,8 +516,8 @@ class Jobs:
             request,
             target,
             '/moduleserve.v1.Jobs/WatchJob',
-            client_dot_pb_dot_moduleserve__v1__pb2.WatchJobRequest.SerializeToString,
-            client_dot_pb_dot_moduleserve__v1__pb2.JobEvent.FromString,
+            moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.WatchJobRequest.SerializeToString,
+            moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.JobEvent.FromString,
             options,
             channel_credentials,
             insecure,
@@ -543,8 +543,8 @@ class Jobs:
             request,
             target,
             '/moduleserve.v1.Jobs/ListJobEvents',
-            client_dot_pb_dot_moduleserve__v1__pb2.ListJobEventsRequest.SerializeToString,
-            client_dot_pb_dot_moduleserve__v1__pb2.ListJobEventsResponse.FromString,
+            moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.ListJobEventsRequest.SerializeToString,
+            moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.ListJobEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -570,8 +570,8 @@ class Jobs:
             request,
             target,
             '/moduleserve.v1.Jobs/CancelJob',
-            client_dot_pb_dot_moduleserve__v1__pb2.CancelJobRequest.SerializeToString,
-            client_dot_pb_dot_moduleserve__v1__pb2.CancelJobResponse.FromString,
+            moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.CancelJobRequest.SerializeToString,
+            moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.CancelJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -597,8 +597,8 @@ class Jobs:
             request,
             target,
             '/moduleserve.v1.Jobs/PromoteJob',
-            client_dot_pb_dot_moduleserve__v1__pb2.PromoteJobRequest.SerializeToString,
-            client_dot_pb_dot_moduleserve__v1__pb2.PromoteJobResponse.FromString,
+            moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.PromoteJobRequest.SerializeToString,
+            moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.PromoteJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -622,13 +622,13 @@ class DatasetsStub:
         """
         self.UploadDataset = channel.stream_unary(
                 '/moduleserve.v1.Datasets/UploadDataset',
-                request_serializer=client_dot_pb_dot_moduleserve__v1__pb2.UploadDatasetRequest.SerializeToString,
-                response_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.UploadDatasetResponse.FromString,
+                request_serializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.UploadDatasetRequest.SerializeToString,
+                response_deserializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.UploadDatasetResponse.FromString,
                 _registered_method=True)
         self.ListDatasets = channel.unary_unary(
                 '/moduleserve.v1.Datasets/ListDatasets',
-                request_serializer=client_dot_pb_dot_moduleserve__v1__pb2.ListDatasetsRequest.SerializeToString,
-                response_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.ListDatasetsResponse.FromString,
+                request_serializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.ListDatasetsRequest.SerializeToString,
+                response_deserializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.ListDatasetsResponse.FromString,
                 _registered_method=True)
 
 
@@ -658,13 +658,13 @@ def add_DatasetsServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'UploadDataset': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadDataset,
-                    request_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.UploadDatasetRequest.FromString,
-                    response_serializer=client_dot_pb_dot_moduleserve__v1__pb2.UploadDatasetResponse.SerializeToString,
+                    request_deserializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.UploadDatasetRequest.FromString,
+                    response_serializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.UploadDatasetResponse.SerializeToString,
             ),
             'ListDatasets': grpc.unary_unary_rpc_method_handler(
                     servicer.ListDatasets,
-                    request_deserializer=client_dot_pb_dot_moduleserve__v1__pb2.ListDatasetsRequest.FromString,
-                    response_serializer=client_dot_pb_dot_moduleserve__v1__pb2.ListDatasetsResponse.SerializeToString,
+                    request_deserializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.ListDatasetsRequest.FromString,
+                    response_serializer=moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.ListDatasetsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -693,8 +693,8 @@ class Datasets:
             request_iterator,
             target,
             '/moduleserve.v1.Datasets/UploadDataset',
-            client_dot_pb_dot_moduleserve__v1__pb2.UploadDatasetRequest.SerializeToString,
-            client_dot_pb_dot_moduleserve__v1__pb2.UploadDatasetResponse.FromString,
+            moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.UploadDatasetRequest.SerializeToString,
+            moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.UploadDatasetResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -720,8 +720,8 @@ class Datasets:
             request,
             target,
             '/moduleserve.v1.Datasets/ListDatasets',
-            client_dot_pb_dot_moduleserve__v1__pb2.ListDatasetsRequest.SerializeToString,
-            client_dot_pb_dot_moduleserve__v1__pb2.ListDatasetsResponse.FromString,
+            moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.ListDatasetsRequest.SerializeToString,
+            moduleserve_dot_client_dot_pb_dot_moduleserve__v1__pb2.ListDatasetsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from client.pb import oip_v2_pb2 as client_dot_pb_dot_oip__v2__pb2
+from moduleserve.client.pb import oip_v2_pb2 as moduleserve_dot_client_dot_pb_dot_oip__v2__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in client/pb/oip_v2_pb2_grpc.py depends on'
+        + ' but the generated code in moduleserve/client/pb/oip_v2_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -38,58 +38,58 @@ class GRPCInferenceServiceStub:
         """
         self.ServerLive = channel.unary_unary(
                 '/moduleserve.oip.v2.GRPCInferenceService/ServerLive',
-                request_serializer=client_dot_pb_dot_oip__v2__pb2.ServerLiveRequest.SerializeToString,
-                response_deserializer=client_dot_pb_dot_oip__v2__pb2.ServerLiveResponse.FromString,
+                request_serializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ServerLiveRequest.SerializeToString,
+                response_deserializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ServerLiveResponse.FromString,
                 _registered_method=True)
         self.ServerReady = channel.unary_unary(
                 '/moduleserve.oip.v2.GRPCInferenceService/ServerReady',
-                request_serializer=client_dot_pb_dot_oip__v2__pb2.ServerReadyRequest.SerializeToString,
-                response_deserializer=client_dot_pb_dot_oip__v2__pb2.ServerReadyResponse.FromString,
+                request_serializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ServerReadyRequest.SerializeToString,
+                response_deserializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ServerReadyResponse.FromString,
                 _registered_method=True)
         self.ModelReady = channel.unary_unary(
                 '/moduleserve.oip.v2.GRPCInferenceService/ModelReady',
-                request_serializer=client_dot_pb_dot_oip__v2__pb2.ModelReadyRequest.SerializeToString,
-                response_deserializer=client_dot_pb_dot_oip__v2__pb2.ModelReadyResponse.FromString,
+                request_serializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ModelReadyRequest.SerializeToString,
+                response_deserializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ModelReadyResponse.FromString,
                 _registered_method=True)
         self.ServerMetadata = channel.unary_unary(
                 '/moduleserve.oip.v2.GRPCInferenceService/ServerMetadata',
-                request_serializer=client_dot_pb_dot_oip__v2__pb2.ServerMetadataRequest.SerializeToString,
-                response_deserializer=client_dot_pb_dot_oip__v2__pb2.ServerMetadataResponse.FromString,
+                request_serializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ServerMetadataRequest.SerializeToString,
+                response_deserializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ServerMetadataResponse.FromString,
                 _registered_method=True)
         self.ModelMetadata = channel.unary_unary(
                 '/moduleserve.oip.v2.GRPCInferenceService/ModelMetadata',
-                request_serializer=client_dot_pb_dot_oip__v2__pb2.ModelMetadataRequest.SerializeToString,
-                response_deserializer=client_dot_pb_dot_oip__v2__pb2.ModelMetadataResponse.FromString,
+                request_serializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ModelMetadataRequest.SerializeToString,
+                response_deserializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ModelMetadataResponse.FromString,
                 _registered_method=True)
         self.ModelInfer = channel.unary_unary(
                 '/moduleserve.oip.v2.GRPCInferenceService/ModelInfer',
-                request_serializer=client_dot_pb_dot_oip__v2__pb2.ModelInferRequest.SerializeToString,
-                response_deserializer=client_dot_pb_dot_oip__v2__pb2.ModelInferResponse.FromString,
+                request_serializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ModelInferRequest.SerializeToString,
+                response_deserializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ModelInferResponse.FromString,
                 _registered_method=True)
         self.ModelConfig = channel.unary_unary(
                 '/moduleserve.oip.v2.GRPCInferenceService/ModelConfig',
-                request_serializer=client_dot_pb_dot_oip__v2__pb2.ModelConfigRequest.SerializeToString,
-                response_deserializer=client_dot_pb_dot_oip__v2__pb2.ModelConfigResponse.FromString,
+                request_serializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ModelConfigRequest.SerializeToString,
+                response_deserializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ModelConfigResponse.FromString,
                 _registered_method=True)
         self.ModelStatistics = channel.unary_unary(
                 '/moduleserve.oip.v2.GRPCInferenceService/ModelStatistics',
-                request_serializer=client_dot_pb_dot_oip__v2__pb2.ModelStatisticsRequest.SerializeToString,
-                response_deserializer=client_dot_pb_dot_oip__v2__pb2.ModelStatisticsResponse.FromString,
+                request_serializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ModelStatisticsRequest.SerializeToString,
+                response_deserializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ModelStatisticsResponse.FromString,
                 _registered_method=True)
         self.RepositoryIndex = channel.unary_unary(
                 '/moduleserve.oip.v2.GRPCInferenceService/RepositoryIndex',
-                request_serializer=client_dot_pb_dot_oip__v2__pb2.RepositoryIndexRequest.SerializeToString,
-                response_deserializer=client_dot_pb_dot_oip__v2__pb2.RepositoryIndexResponse.FromString,
+                request_serializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.RepositoryIndexRequest.SerializeToString,
+                response_deserializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.RepositoryIndexResponse.FromString,
                 _registered_method=True)
         self.RepositoryModelLoad = channel.unary_unary(
                 '/moduleserve.oip.v2.GRPCInferenceService/RepositoryModelLoad',
-                request_serializer=client_dot_pb_dot_oip__v2__pb2.RepositoryModelLoadRequest.SerializeToString,
-                response_deserializer=client_dot_pb_dot_oip__v2__pb2.RepositoryModelLoadResponse.FromString,
+                request_serializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.RepositoryModelLoadRequest.SerializeToString,
+                response_deserializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.RepositoryModelLoadResponse.FromString,
                 _registered_method=True)
         self.RepositoryModelUnload = channel.unary_unary(
                 '/moduleserve.oip.v2.GRPCInferenceService/RepositoryModelUnload',
-                request_serializer=client_dot_pb_dot_oip__v2__pb2.RepositoryModelUnloadRequest.SerializeToString,
-                response_deserializer=client_dot_pb_dot_oip__v2__pb2.RepositoryModelUnloadResponse.FromString,
+                request_serializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.RepositoryModelUnloadRequest.SerializeToString,
+                response_deserializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.RepositoryModelUnloadResponse.FromString,
                 _registered_method=True)
 
 
@@ -180,58 +180,58 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'ServerLive': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerLive,
-                    request_deserializer=client_dot_pb_dot_oip__v2__pb2.ServerLiveRequest.FromString,
-                    response_serializer=client_dot_pb_dot_oip__v2__pb2.ServerLiveResponse.SerializeToString,
+                    request_deserializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ServerLiveRequest.FromString,
+                    response_serializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ServerLiveResponse.SerializeToString,
             ),
             'ServerReady': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerReady,
-                    request_deserializer=client_dot_pb_dot_oip__v2__pb2.ServerReadyRequest.FromString,
-                    response_serializer=client_dot_pb_dot_oip__v2__pb2.ServerReadyResponse.SerializeToString,
+                    request_deserializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ServerReadyRequest.FromString,
+                    response_serializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ServerReadyResponse.SerializeToString,
             ),
             'ModelReady': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelReady,
-                    request_deserializer=client_dot_pb_dot_oip__v2__pb2.ModelReadyRequest.FromString,
-                    response_serializer=client_dot_pb_dot_oip__v2__pb2.ModelReadyResponse.SerializeToString,
+                    request_deserializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ModelReadyRequest.FromString,
+                    response_serializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ModelReadyResponse.SerializeToString,
             ),
             'ServerMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerMetadata,
-                    request_deserializer=client_dot_pb_dot_oip__v2__pb2.ServerMetadataRequest.FromString,
-                    response_serializer=client_dot_pb_dot_oip__v2__pb2.ServerMetadataResponse.SerializeToString,
+                    request_deserializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ServerMetadataRequest.FromString,
+                    response_serializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ServerMetadataResponse.SerializeToString,
             ),
             'ModelMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelMetadata,
-                    request_deserializer=client_dot_pb_dot_oip__v2__pb2.ModelMetadataRequest.FromString,
-                    response_serializer=client_dot_pb_dot_oip__v2__pb2.ModelMetadataResponse.SerializeToString,
+                    request_deserializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ModelMetadataRequest.FromString,
+                    response_serializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ModelMetadataResponse.SerializeToString,
             ),
             'ModelInfer': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelInfer,
-                    request_deserializer=client_dot_pb_dot_oip__v2__pb2.ModelInferRequest.FromString,
-                    response_serializer=client_dot_pb_dot_oip__v2__pb2.ModelInferResponse.SerializeToString,
+                    request_deserializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ModelInferRequest.FromString,
+                    response_serializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ModelInferResponse.SerializeToString,
             ),
             'ModelConfig': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelConfig,
-                    request_deserializer=client_dot_pb_dot_oip__v2__pb2.ModelConfigRequest.FromString,
-                    response_serializer=client_dot_pb_dot_oip__v2__pb2.ModelConfigResponse.SerializeToString,
+                    request_deserializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ModelConfigRequest.FromString,
+                    response_serializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ModelConfigResponse.SerializeToString,
             ),
             'ModelStatistics': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelStatistics,
-                    request_deserializer=client_dot_pb_dot_oip__v2__pb2.ModelStatisticsRequest.FromString,
-                    response_serializer=client_dot_pb_dot_oip__v2__pb2.ModelStatisticsResponse.SerializeToString,
+                    request_deserializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ModelStatisticsRequest.FromString,
+                    response_serializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ModelStatisticsResponse.SerializeToString,
             ),
             'RepositoryIndex': grpc.unary_unary_rpc_method_handler(
                     servicer.RepositoryIndex,
-                    request_deserializer=client_dot_pb_dot_oip__v2__pb2.RepositoryIndexRequest.FromString,
-                    response_serializer=client_dot_pb_dot_oip__v2__pb2.RepositoryIndexResponse.SerializeToString,
+                    request_deserializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.RepositoryIndexRequest.FromString,
+                    response_serializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.RepositoryIndexResponse.SerializeToString,
             ),
             'RepositoryModelLoad': grpc.unary_unary_rpc_method_handler(
                     servicer.RepositoryModelLoad,
-                    request_deserializer=client_dot_pb_dot_oip__v2__pb2.RepositoryModelLoadRequest.FromString,
-                    response_serializer=client_dot_pb_dot_oip__v2__pb2.RepositoryModelLoadResponse.SerializeToString,
+                    request_deserializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.RepositoryModelLoadRequest.FromString,
+                    response_serializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.RepositoryModelLoadResponse.SerializeToString,
             ),
             'RepositoryModelUnload': grpc.unary_unary_rpc_method_handler(
                     servicer.RepositoryModelUnload,
-                    request_deserializer=client_dot_pb_dot_oip__v2__pb2.RepositoryModelUnloadRequest.FromString,
-                    response_serializer=client_dot_pb_dot_oip__v2__pb2.RepositoryModelUnloadResponse.SerializeToString,
+                    request_deserializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.RepositoryModelUnloadRequest.FromString,
+                    response_serializer=moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.RepositoryModelUnloadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -261,8 +261,8 @@ class GRPCInferenceService:
             request,
             target,
             '/moduleserve.oip.v2.GRPCInferenceService/ServerLive',
-            client_dot_pb_dot_oip__v2__pb2.ServerLiveRequest.SerializeToString,
-            client_dot_pb_dot_oip__v2__pb2.ServerLiveResponse.FromString,
+            moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ServerLiveRequest.SerializeToString,
+            moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ServerLiveResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -288,8 +288,8 @@ class GRPCInferenceService:
             request,
             target,
             '/moduleserve.oip.v2.GRPCInferenceService/ServerReady',
-            client_dot_pb_dot_oip__v2__pb2.ServerReadyRequest.SerializeToString,
-            client_dot_pb_dot_oip__v2__pb2.ServerReadyResponse.FromString,
+            moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ServerReadyRequest.SerializeToString,
+            moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ServerReadyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -315,8 +315,8 @@ class GRPCInferenceService:
             request,
             target,
             '/moduleserve.oip.v2.GRPCInferenceService/ModelReady',
-            client_dot_pb_dot_oip__v2__pb2.ModelReadyRequest.SerializeToString,
-            client_dot_pb_dot_oip__v2__pb2.ModelReadyResponse.FromString,
+            moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ModelReadyRequest.SerializeToString,
+            moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ModelReadyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -342,8 +342,8 @@ class GRPCInferenceService:
             request,
             target,
             '/moduleserve.oip.v2.GRPCInferenceService/ServerMetadata',
-            client_dot_pb_dot_oip__v2__pb2.ServerMetadataRequest.SerializeToString,
-            client_dot_pb_dot_oip__v2__pb2.ServerMetadataResponse.FromString,
+            moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ServerMetadataRequest.SerializeToString,
+            moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ServerMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -369,8 +369,8 @@ class GRPCInferenceService:
             request,
             target,
             '/moduleserve.oip.v2.GRPCInferenceService/ModelMetadata',
-            client_dot_pb_dot_oip__v2__pb2.ModelMetadataRequest.SerializeToString,
-            client_dot_pb_dot_oip__v2__pb2.ModelMetadataResponse.FromString,
+            moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ModelMetadataRequest.SerializeToString,
+            moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ModelMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -396,8 +396,8 @@ class GRPCInferenceService:
             request,
             target,
             '/moduleserve.oip.v2.GRPCInferenceService/ModelInfer',
-            client_dot_pb_dot_oip__v2__pb2.ModelInferRequest.SerializeToString,
-            client_dot_pb_dot_oip__v2__pb2.ModelInferResponse.FromString,
+            moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ModelInferRequest.SerializeToString,
+            moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ModelInferResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -423,8 +423,8 @@ class GRPCInferenceService:
             request,
             target,
             '/moduleserve.oip.v2.GRPCInferenceService/ModelConfig',
-            client_dot_pb_dot_oip__v2__pb2.ModelConfigRequest.SerializeToString,
-            client_dot_pb_dot_oip__v2__pb2.ModelConfigResponse.FromString,
+            moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ModelConfigRequest.SerializeToString,
+            moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ModelConfigResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -450,8 +450,8 @@ class GRPCInferenceService:
             request,
             target,
             '/moduleserve.oip.v2.GRPCInferenceService/ModelStatistics',
-            client_dot_pb_dot_oip__v2__pb2.ModelStatisticsRequest.SerializeToString,
-            client_dot_pb_dot_oip__v2__pb2.ModelStatisticsResponse.FromString,
+            moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ModelStatisticsRequest.SerializeToString,
+            moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.ModelStatisticsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -477,8 +477,8 @@ class GRPCInferenceService:
             request,
             target,
             '/moduleserve.oip.v2.GRPCInferenceService/RepositoryIndex',
-            client_dot_pb_dot_oip__v2__pb2.RepositoryIndexRequest.SerializeToString,
-            client_dot_pb_dot_oip__v2__pb2.RepositoryIndexResponse.FromString,
+            moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.RepositoryIndexRequest.SerializeToString,
+            moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.RepositoryIndexResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -504,8 +504,8 @@ class GRPCInferenceService:
             request,
             target,
             '/moduleserve.oip.v2.GRPCInferenceService/RepositoryModelLoad',
-            client_dot_pb_dot_oip__v2__pb2.RepositoryModelLoadRequest.SerializeToString,
-            client_dot_pb_dot_oip__v2__pb2.RepositoryModelLoadResponse.FromString,
+            moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.RepositoryModelLoadRequest.SerializeToString,
+            moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.RepositoryModelLoadResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -531,8 +531,8 @@ class GRPCInferenceService:
             request,
             target,
             '/moduleserve.oip.v2.GRPCInferenceService/RepositoryModelUnload',
-            client_dot_pb_dot_oip__v2__pb2.RepositoryModelUnloadRequest.SerializeToString,
-            client_dot_pb_dot_oip__v2__pb2.RepositoryModelUnloadResponse.FromString,
+            moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.RepositoryModelUnloadRequest.SerializeToString,
+            moduleserve_dot_client_dot_pb_dot_oip__v2__pb2.RepositoryModelUnloadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,7 +1,7 @@
 """Example ``nn.Module`` classes served by the demo registry.
 
 They are ordinary PyTorch classes: moduleserve imports them by path
-(``registry.demo.models:MyNet``) and builds them with keyword arguments.
+(``moduleserve.registry.demo.models:MyNet``) and builds them with keyword arguments.
 """
 
 from __future__ import annotations

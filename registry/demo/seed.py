@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from registry.api import Registry
-from registry.classes import parse_input_spec
-from registry.entities import Version
+from moduleserve.registry.api import Registry
+from moduleserve.registry.classes import parse_input_spec
+from moduleserve.registry.entities import Version
 
 SEED = 20261126
 
@@ -30,7 +30,7 @@ DEMO_MODELS = (
     DemoModel(
         "mynet",
         "MyNet",
-        "registry.demo.models:MyNet",
+        "moduleserve.registry.demo.models:MyNet",
         {},
         ("x:float32:-1,3,8,8",),
         "Conv2d(3,16,3) -> flatten -> Linear(576,10)",
@@ -38,7 +38,7 @@ DEMO_MODELS = (
     DemoModel(
         "nested",
         "Net",
-        "registry.demo.models:Net",
+        "moduleserve.registry.demo.models:Net",
         {"channels": 16, "num_classes": 10},
         ("x:float32:-1,3,8,8",),
         "two nested Blocks (Conv2d, BatchNorm2d, ReLU) and a head",
@@ -46,7 +46,7 @@ DEMO_MODELS = (
     DemoModel(
         "mlp",
         "MLP",
-        "registry.demo.models:MLP",
+        "moduleserve.registry.demo.models:MLP",
         {"in_features": 784, "hidden": [128], "out_features": 10, "dropout": 0.2},
         ("x:float32:-1,784",),
         "Linear, BatchNorm1d, ReLU, Dropout, Linear",

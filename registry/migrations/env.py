@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import context
 
-from registry.orm import Base
+from moduleserve.registry.orm import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -27,7 +27,7 @@ from typing import Final, Generic, TypeVar
 
 import torch
 
-from server.errors import (
+from moduleserve.server.errors import (
     DeadlineExceededError,
     InvalidInputError,
     ModelNotReadyError,

@@ -13,16 +13,21 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from registry.api import Registry
-from registry.entities import ModuleClass, Version
-from registry.errors import IntegrityError, RegistryUnavailableError
-from registry.formats import parse_dtype
-from registry.names import parse_ref
-from server.config import BatchingSettings, ServerSettings
-from server.engine.batcher import DynamicBatcher, StatsLedger
-from server.engine.devices import HALF_TYPES, DeviceExecutors, make_compute, module_nbytes
-from server.engine.load_errors import SEE_LOG, LoadFailure, load_error
-from server.errors import ModelLoadingError, ModelNotReadyError
+from moduleserve.registry.api import Registry
+from moduleserve.registry.entities import ModuleClass, Version
+from moduleserve.registry.errors import IntegrityError, RegistryUnavailableError
+from moduleserve.registry.formats import parse_dtype
+from moduleserve.registry.names import parse_ref
+from moduleserve.server.config import BatchingSettings, ServerSettings
+from moduleserve.server.engine.batcher import DynamicBatcher, StatsLedger
+from moduleserve.server.engine.devices import (
+    HALF_TYPES,
+    DeviceExecutors,
+    make_compute,
+    module_nbytes,
+)
+from moduleserve.server.engine.load_errors import SEE_LOG, LoadFailure, load_error
+from moduleserve.server.errors import ModelLoadingError, ModelNotReadyError
 
 logger = logging.getLogger(__name__)
 

@@ -5,9 +5,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from registry.entities import Version
-from registry.errors import ClassNotAllowedError, StateDictMismatchError, shorten
-from server.errors import CheckpointMismatchError, ModelClassNotAllowedError, ModelLoadingError
+from moduleserve.registry.entities import Version
+from moduleserve.registry.errors import ClassNotAllowedError, StateDictMismatchError, shorten
+from moduleserve.server.errors import (
+    CheckpointMismatchError,
+    ModelClassNotAllowedError,
+    ModelLoadingError,
+)
 
 logger = logging.getLogger(__name__)
 

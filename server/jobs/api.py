@@ -6,12 +6,12 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from registry.api import Registry
-from registry.entities import Job, JobEvent
-from registry.errors import InvalidInputError
-from registry.jobspec import JobSpec
-from registry.names import check_alias
-from server.jobs.data import train_data_from
+from moduleserve.registry.api import Registry
+from moduleserve.registry.entities import Job, JobEvent
+from moduleserve.registry.errors import InvalidInputError
+from moduleserve.registry.jobspec import JobSpec
+from moduleserve.registry.names import check_alias
+from moduleserve.server.jobs.data import train_data_from
 
 WATCH_POLL_S = 0.25
 

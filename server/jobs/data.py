@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from registry.entities import ModuleClass, TensorSpec
-from registry.errors import InvalidInputError
-from registry.formats import dtype_name, parse_dtype
-from registry.jobspec import JobSpec
+from moduleserve.registry.entities import ModuleClass, TensorSpec
+from moduleserve.registry.errors import InvalidInputError
+from moduleserve.registry.formats import dtype_name, parse_dtype
+from moduleserve.registry.jobspec import JobSpec
 
 TARGETS = "targets"
 SINGLE_INPUT = "inputs"

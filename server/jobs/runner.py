@@ -18,15 +18,15 @@ from typing import Any
 
 import torch
 
-from registry.api import Registry
-from registry.entities import Job, JobEpoch
-from registry.errors import RegistryError
-from registry.formats import encode_tensors
-from registry.jobs import JobResult
-from registry.jobspec import JobSpec
-from registry.orm import utcnow
-from server.jobs.data import train_data_from
-from server.jobs.training import EpochEnd, Progress, TrainResult, fine_tune
+from moduleserve.registry.api import Registry
+from moduleserve.registry.entities import Job, JobEpoch
+from moduleserve.registry.errors import RegistryError
+from moduleserve.registry.formats import encode_tensors
+from moduleserve.registry.jobs import JobResult
+from moduleserve.registry.jobspec import JobSpec
+from moduleserve.registry.orm import utcnow
+from moduleserve.server.jobs.data import train_data_from
+from moduleserve.server.jobs.training import EpochEnd, Progress, TrainResult, fine_tune
 
 logger = logging.getLogger(__name__)
 

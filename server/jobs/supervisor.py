@@ -2,7 +2,7 @@
 
 Jobs never run in the server's process: a job that crashes (or is killed) takes down its
 worker, not inference. The workers inherit the server's registry settings through
-MODULESERVE_* variables and run `python -m server.jobs.worker`.
+MODULESERVE_* variables and run `python -m moduleserve.server.jobs.worker`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from server.config import ServerSettings
+from moduleserve.server.config import ServerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,13 @@ class WorkerProcesses:
         logger.info("started %d fine-tuning worker process(es)", self._count)
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        args = [sys.executable, "-m", "server.jobs.worker", "--parent-pid", str(os.getpid())]
+        args = [
+            sys.executable,
+            "-m",
+            "moduleserve.server.jobs.worker",
+            "--parent-pid",
+            str(os.getpid()),
+        ]
         return subprocess.Popen(args, env=self._env)
 
     async def _supervise(self) -> None:

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from registry.errors import InvalidInputError
-from registry.jobspec import JobSpec
-from server.jobs.data import TrainData, split_indices, steps_per_epoch
+from moduleserve.registry.errors import InvalidInputError
+from moduleserve.registry.jobspec import JobSpec
+from moduleserve.server.jobs.data import TrainData, split_indices, steps_per_epoch
 
 __all__ = [
     "EpochEnd",

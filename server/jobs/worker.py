@@ -20,15 +20,15 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from client.tables import version_text
-from registry.api import Registry
-from registry.errors import RegistryError
-from server.config import WorkerSettings, settings_error_text
-from server.engine.devices import resolve_device
-from server.jobs.runner import run_job
-from server.logs import configure_logging
+from moduleserve.client.tables import version_text
+from moduleserve.registry.api import Registry
+from moduleserve.registry.errors import RegistryError
+from moduleserve.server.config import WorkerSettings, settings_error_text
+from moduleserve.server.engine.devices import resolve_device
+from moduleserve.server.jobs.runner import run_job
+from moduleserve.server.logs import configure_logging
 
-logger = logging.getLogger("server.jobs.worker")  # also when run as __main__
+logger = logging.getLogger("moduleserve.server.jobs.worker")  # also when run as __main__
 
 
 def run_worker(settings: WorkerSettings, shutdown: threading.Event) -> None:
@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         dest="allowed_class_prefixes",
         metavar="PACKAGE",
-        help="package whose Module classes may be loaded, besides registry.demo (repeatable)",
+        help="package whose Module classes may be loaded, besides moduleserve.registry.demo "
+        "(repeatable)",
     )
     add(
         "--class-path",

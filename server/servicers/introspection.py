@@ -14,18 +14,18 @@ from typing import TypeVar
 import grpc
 from torch import nn
 
-from client.pb import moduleserve_v1_pb2 as pb
-from client.pb import moduleserve_v1_pb2_grpc as pb_grpc
-from registry import inspection, introspect
-from registry.api import Registry
-from registry.entities import Version
-from registry.errors import (
+from moduleserve.client.pb import moduleserve_v1_pb2 as pb
+from moduleserve.client.pb import moduleserve_v1_pb2_grpc as pb_grpc
+from moduleserve.registry import inspection, introspect
+from moduleserve.registry.api import Registry
+from moduleserve.registry.entities import Version
+from moduleserve.registry.errors import (
     ClassBuildError,
     ClassNotAllowedError,
     InvalidInputError,
     StateDictMismatchError,
 )
-from server.convert_introspect import (
+from moduleserve.server.convert_introspect import (
     diff_to_pb,
     kind_filter_from_pb,
     ref_from_pb,
@@ -33,9 +33,9 @@ from server.convert_introspect import (
     tensors_to_pb,
     tree_to_pb,
 )
-from server.engine.cache import ModelCache
-from server.engine.load_errors import load_error
-from server.status import map_errors
+from moduleserve.server.engine.cache import ModelCache
+from moduleserve.server.engine.load_errors import load_error
+from moduleserve.server.status import map_errors
 
 Context = grpc.aio.ServicerContext
 T = TypeVar("T")

@@ -11,12 +11,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from client.pb import moduleserve_v1_pb2 as pb
-from client.pb import moduleserve_v1_pb2_grpc as pb_grpc
-from registry.api import Registry
-from registry.errors import InvalidInputError
-from registry.uploads import DatasetUpload
-from server.convert_jobs import (
+from moduleserve.client.pb import moduleserve_v1_pb2 as pb
+from moduleserve.client.pb import moduleserve_v1_pb2_grpc as pb_grpc
+from moduleserve.registry.api import Registry
+from moduleserve.registry.errors import InvalidInputError
+from moduleserve.registry.uploads import DatasetUpload
+from moduleserve.server.convert_jobs import (
     dataset_to_pb,
     declared_from_pb,
     event_to_pb,
@@ -24,9 +24,9 @@ from server.convert_jobs import (
     spec_from_pb,
     states_from_pb,
 )
-from server.jobs.api import create_job, follow_events
-from server.security import Authorizer
-from server.status import map_errors, map_stream_errors
+from moduleserve.server.jobs.api import create_job, follow_events
+from moduleserve.server.security import Authorizer
+from moduleserve.server.status import map_errors, map_stream_errors
 
 Context = grpc.aio.ServicerContext
 

@@ -13,18 +13,22 @@ from importlib.metadata import version as package_version
 
 import grpc
 
-from client.oip import OIP_SERVICE, oip_methods
-from client.pb import oip_v2_pb2 as pb
-from registry.api import Registry
-from registry.entities import ModuleClass, Version
-from registry.names import parse_ref
-from server.convert import has_typed_contents, inputs_from_pb, outputs_to_pb
-from server.convert_meta import model_config_to_pb, model_metadata_to_pb, statistics_to_pb
-from server.engine.cache import ModelCache
-from server.errors import InvalidInputError
-from server.inference import infer
-from server.security import Authorizer
-from server.status import map_errors
+from moduleserve.client.oip import OIP_SERVICE, oip_methods
+from moduleserve.client.pb import oip_v2_pb2 as pb
+from moduleserve.registry.api import Registry
+from moduleserve.registry.entities import ModuleClass, Version
+from moduleserve.registry.names import parse_ref
+from moduleserve.server.convert import has_typed_contents, inputs_from_pb, outputs_to_pb
+from moduleserve.server.convert_meta import (
+    model_config_to_pb,
+    model_metadata_to_pb,
+    statistics_to_pb,
+)
+from moduleserve.server.engine.cache import ModelCache
+from moduleserve.server.errors import InvalidInputError
+from moduleserve.server.inference import infer
+from moduleserve.server.security import Authorizer
+from moduleserve.server.status import map_errors
 
 EXTENSIONS = [
     "model_repository",

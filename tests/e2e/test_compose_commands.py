@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import yaml
 
-from client.client import ModelClient
+from moduleserve.client.client import ModelClient
 from tests.helpers import REPO, postgres_schema, postgres_url
 
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
@@ -150,7 +150,7 @@ def test_the_stack_has_no_default_token_and_outlasts_the_shutdown_grace() -> Non
     assert "change-me" not in text
     with pytest.raises(AssertionError, match=r"set MODULESERVE_TOKEN in \.env"):
         interpolate(COMPOSE["services"]["server"]["environment"]["MODULESERVE_TOKENS"], {})
-    from server.config import ServerSettings
+    from moduleserve.server.config import ServerSettings
 
     grace = ServerSettings.model_fields["shutdown_grace_s"].default
     stop_after = COMPOSE["x-image"]["stop_grace_period"]
@@ -239,7 +239,7 @@ def test_postgres_compose_stack_with_two_servers(data: Path, tmp_path: Path, pg_
 
 
 def _served_version(client: ModelClient) -> str:
-    from client.pb import oip_v2_pb2 as pb
+    from moduleserve.client.pb import oip_v2_pb2 as pb
 
     request = pb.ModelInferRequest(model_name="mynet")
     request.inputs.add(name="x", datatype="FP32", shape=[1, 3, 8, 8])

@@ -12,26 +12,27 @@ from pathlib import Path
 
 import numpy as np
 
-from client.client import ModelClient
-from registry.api import Registry
-from registry.classes import parse_input_spec
+from moduleserve.client.client import ModelClient
+from moduleserve.registry.api import Registry
+from moduleserve.registry.classes import parse_input_spec
 from tests.helpers import REPO
 from tests.models import SlowNet
 
 
 def start_server(registry: Registry, port_file: Path, *flags: str) -> subprocess.Popen[str]:
-    """`python -m server` on the registry, ephemeral port; returns once the port file exists."""
+    """`python -m moduleserve.server` on the registry, ephemeral port; returns once the port
+    file exists."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     args = [
         sys.executable,
         "-m",
-        "server",
+        "moduleserve.server",
         "--db",
         registry.settings.database_url(),
         "--store",
         str(registry.settings.store),
         "--allow-prefix",
-        "registry.demo",
+        "moduleserve.registry.demo",
         "--allow-prefix",
         "tests.models",
         "--grpc-port",
@@ -80,7 +81,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_zero(
 
 def test_bad_settings_exit_2_with_one_sentence(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "server", "--host", "0.0.0.0", "--grpc-port", "0"],
+        [sys.executable, "-m", "moduleserve.server", "--host", "0.0.0.0", "--grpc-port", "0"],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -96,7 +97,7 @@ def test_outdated_schema_is_refused_naming_the_fix(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "server",
+            "moduleserve.server",
             "--db",
             f"sqlite:///{tmp_path / 'empty.db'}",
             "--store",
@@ -124,7 +125,7 @@ def test_workers_share_the_port_and_stop_together(demo_registry: Registry, tmp_p
     deadline = time.monotonic() + 90
     children = psutil.Process(proc.pid).children()
     # One more server process, and one fine-tuning worker (the parent's alone).
-    [job_worker] = [c for c in children if "server.jobs.worker" in c.cmdline()]
+    [job_worker] = [c for c in children if "moduleserve.server.jobs.worker" in c.cmdline()]
     [worker] = [c for c in children if c is not job_worker]
     # The worker binds the same port once it has started (SO_REUSEPORT).
     while not any(c.laddr.port == port for c in worker.net_connections("tcp")):
@@ -138,7 +139,7 @@ def test_workers_share_the_port_and_stop_together(demo_registry: Registry, tmp_p
     settings = demo_registry.settings
     outsider = subprocess.run(
         [
-            *(sys.executable, "-m", "server", "--grpc-port", str(port), "--no-metrics"),
+            *(sys.executable, "-m", "moduleserve.server", "--grpc-port", str(port), "--no-metrics"),
             *("--db", settings.database_url(), "--store", str(settings.store)),
         ],
         env=dict(os.environ, PYTHONPATH=str(REPO)),
@@ -165,7 +166,7 @@ def test_a_killed_servers_job_worker_does_not_outlive_it(
 
     proc = start_server(demo_registry, tmp_path / "port")
     [job_worker] = psutil.Process(proc.pid).children()
-    assert "server.jobs.worker" in " ".join(job_worker.cmdline())
+    assert "moduleserve.server.jobs.worker" in " ".join(job_worker.cmdline())
 
     proc.kill()  # no chance to stop its workers
     proc.wait(timeout=30)

@@ -14,12 +14,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from client.client import ModelClient
-from client.errors import UnauthenticatedError
-from registry.api import Registry
-from server.app import redact_url
-from server.cli import main as server_main
-from server.config import ServerSettings
+from moduleserve.client.client import ModelClient
+from moduleserve.client.errors import UnauthenticatedError
+from moduleserve.registry.api import Registry
+from moduleserve.server.app import redact_url
+from moduleserve.server.cli import main as server_main
+from moduleserve.server.config import ServerSettings
 from tests.helpers import DEMO_PREFIXES, REPO, ServerThread, server_settings
 
 
@@ -42,10 +42,10 @@ def listening_port() -> Iterator[int]:
 
 
 def run_server(registry: Registry, tmp_path: Path, *flags: str) -> tuple[int | None, str]:
-    """`python -m server` on the registry: (exit code, stderr) once it exits, or (None,
+    """`python -m moduleserve.server` on the registry: (exit code, stderr) once it exits, or (None,
     stderr so far) once it serves (the port file appears; then it is stopped)."""
     port_file = tmp_path / "port"
-    args = [sys.executable, "-m", "server", "--db", registry.settings.database_url()]
+    args = [sys.executable, "-m", "moduleserve.server", "--db", registry.settings.database_url()]
     args += ["--store", str(registry.settings.store), "--job-workers", "0"]
     args += ["--port-file", str(port_file), *flags]
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -91,7 +91,7 @@ def test_a_used_metrics_port_is_one_sentence_and_the_start_names_the_registry(
     settings = demo_registry.settings
     [started] = [line for line in logs if "registry: database" in line]
     assert started.endswith(
-        f"INFO server.app: registry: database {settings.database_url()}, "
+        f"INFO moduleserve.server.app: registry: database {settings.database_url()}, "
         f"blob store {settings.store.resolve()}"
     )
 

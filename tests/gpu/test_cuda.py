@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from client.client import ModelClient
-from registry.api import Registry
+from moduleserve.client.client import ModelClient
+from moduleserve.registry.api import Registry
 from tests.helpers import ServerThread, server_settings
 
 pytestmark = [

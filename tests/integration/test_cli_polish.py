@@ -14,18 +14,18 @@ from collections.abc import Callable, Iterator, Sequence
 import grpc
 import pytest
 
-from client.cli import build_parser as client_parser
-from client.cli import main as client_cli
-from client.client import ModelClient
-from client.errors import ERROR_FOR, ModuleServeError, UnavailableError
-from client.tables import EXIT_BROKEN_PIPE, package_version
-from registry import errors as registry_errors
-from registry.api import Registry
-from registry.cli import CODE_FOR, error_code
-from registry.cli import build_parser as registry_parser
-from server.cli import build_parser as server_parser
-from server.jobs.worker import build_parser as worker_parser
-from server.status import STATUS_FOR
+from moduleserve.client.cli import build_parser as client_parser
+from moduleserve.client.cli import main as client_cli
+from moduleserve.client.client import ModelClient
+from moduleserve.client.errors import ERROR_FOR, ModuleServeError, UnavailableError
+from moduleserve.client.tables import EXIT_BROKEN_PIPE, package_version
+from moduleserve.registry import errors as registry_errors
+from moduleserve.registry.api import Registry
+from moduleserve.registry.cli import CODE_FOR, error_code
+from moduleserve.registry.cli import build_parser as registry_parser
+from moduleserve.server.cli import build_parser as server_parser
+from moduleserve.server.jobs.worker import build_parser as worker_parser
+from moduleserve.server.status import STATUS_FOR
 from tests.helpers import REPO, Cli, ServerThread
 
 UNREACHABLE = "127.0.0.1:1"  # a privileged port nothing listens on: connection refused
@@ -149,12 +149,14 @@ def test_a_closed_stdout_ends_quietly(served: ServerThread, demo_registry: Regis
     settings = demo_registry.settings
     registry_args = ["--db", settings.database_url(), "--store", str(settings.store)]
     for argv in (
-        ["-m", "client", "--target", served.target, "models"],
-        ["-m", "registry", *registry_args, "list", "--json"],
+        ["-m", "moduleserve.client", "--target", served.target, "models"],
+        ["-m", "moduleserve.registry", *registry_args, "list", "--json"],
     ):
         code, err = _closed_pipe_run(argv)
         assert (code, err) == (EXIT_BROKEN_PIPE, ""), argv
-    assert _closed_pipe_run(["-m", "client", "--version"])[1] == ""  # argparse's own exit
+    assert (
+        _closed_pipe_run(["-m", "moduleserve.client", "--version"])[1] == ""
+    )  # argparse's own exit
 
 
 def _positionals(parser: argparse.ArgumentParser, path: str) -> Iterator[tuple[str, str | None]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.cli import main
+from moduleserve.client.cli import main
 from tests.helpers import ServerThread
 
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from client.client import ModelClient
-from client.errors import InvalidArgumentError
-from registry.api import Registry
-from registry.classes import parse_input_spec
-from registry.demo.models import MyNet
+from moduleserve.client.client import ModelClient
+from moduleserve.client.errors import InvalidArgumentError
+from moduleserve.registry.api import Registry
+from moduleserve.registry.classes import parse_input_spec
+from moduleserve.registry.demo.models import MyNet
 from tests.helpers import ServerThread, server_settings
 from tests.models import Doubler
 

@@ -11,15 +11,15 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from registry.api import Registry
-from registry.classes import parse_input_spec
+from moduleserve.registry.api import Registry
+from moduleserve.registry.classes import parse_input_spec
 from tests.helpers import subprocess_env
 
 # A 64 MiB checkpoint: the write takes long enough to be caught in the middle.
 PUSH_FOREVER = """
 import sys, torch
-from registry.api import Registry
-from registry.config import RegistrySettings
+from moduleserve.registry.api import Registry
+from moduleserve.registry.config import RegistrySettings
 r = Registry(RegistrySettings())
 torch.manual_seed(int(sys.argv[1]))
 while True:

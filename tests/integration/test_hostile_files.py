@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from registry.api import Registry
-from registry.classes import parse_input_spec
-from registry.demo.models import MyNet
-from registry.errors import (
+from moduleserve.registry.api import Registry
+from moduleserve.registry.classes import parse_input_spec
+from moduleserve.registry.demo.models import MyNet
+from moduleserve.registry.errors import (
     CheckpointFormatError,
     InvalidInputError,
     RegistryError,
@@ -34,7 +34,10 @@ BOMB_BYTES = 32 * 2**20
 @pytest.fixture
 def reg(sqlite_registry: Registry) -> Registry:
     sqlite_registry.classes.register(
-        "MyNet", "registry.demo.models:MyNet", {}, [parse_input_spec("x:float32:-1,3,8,8")]
+        "MyNet",
+        "moduleserve.registry.demo.models:MyNet",
+        {},
+        [parse_input_spec("x:float32:-1,3,8,8")],
     )
     return sqlite_registry
 

@@ -19,18 +19,18 @@ import pytest
 import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.client import ModelClient
-from client.errors import PermissionDeniedError
-from client.oip import method_path
-from client.pb import moduleserve_v1_pb2 as v1
-from client.pb import moduleserve_v1_pb2_grpc as v1_grpc
-from client.pb import oip_v2_pb2 as pb
-from registry.api import Registry
-from registry.classes import parse_input_spec
-from registry.demo.seed import seed_demo
-from registry.errors import InvalidInputError
-from registry.names import parse_ref
-from server.cli import build_parser, settings_from
+from moduleserve.client.client import ModelClient
+from moduleserve.client.errors import PermissionDeniedError
+from moduleserve.client.oip import method_path
+from moduleserve.client.pb import moduleserve_v1_pb2 as v1
+from moduleserve.client.pb import moduleserve_v1_pb2_grpc as v1_grpc
+from moduleserve.client.pb import oip_v2_pb2 as pb
+from moduleserve.registry.api import Registry
+from moduleserve.registry.classes import parse_input_spec
+from moduleserve.registry.demo.seed import seed_demo
+from moduleserve.registry.errors import InvalidInputError
+from moduleserve.registry.names import parse_ref
+from moduleserve.server.cli import build_parser, settings_from
 from tests.helpers import REPO, ServerThread, registry_settings, server_settings
 from tests.models import BrokenWarmup, Doubler
 
@@ -359,8 +359,8 @@ def test_undecodable_bytes_are_invalid_argument(
 
 SENDER = """
 import sys, grpc
-from client.oip import method_path
-from client.pb import oip_v2_pb2 as pb
+from moduleserve.client.oip import method_path
+from moduleserve.client.pb import oip_v2_pb2 as pb
 target, model, count, nbytes = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 options = [("grpc.max_send_message_length", 2**31 - 1)]
 with grpc.insecure_channel(target, options=options) as channel:
@@ -534,7 +534,7 @@ def test_load_errors_say_what_failed_but_never_quote_user_code(demo_registry: Re
 def test_a_class_outside_the_allowed_prefixes_is_permission_denied(
     demo_registry: Registry,
 ) -> None:
-    server = start(demo_registry, allowed_class_prefixes=["registry.demo"])
+    server = start(demo_registry, allowed_class_prefixes=["moduleserve.registry.demo"])
     try:
         with ModelClient(server.target) as client:
             with pytest.raises(PermissionDeniedError) as err:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.oip import method_path
-from client.pb import oip_v2_pb2 as pb
+from moduleserve.client.oip import method_path
+from moduleserve.client.pb import oip_v2_pb2 as pb
 from tests.helpers import ServerThread
 
 Code = grpc.StatusCode
@@ -228,7 +228,7 @@ def test_deadline_passing_in_the_queue_is_never_computed(
     import time
     from typing import Any
 
-    from registry.classes import parse_input_spec
+    from moduleserve.registry.classes import parse_input_spec
     from tests.models import SlowNet
 
     registry: Any = demo_registry

@@ -21,16 +21,16 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from torch import nn
 
-from client.client import ModelClient
-from client.errors import InvalidArgumentError, ModuleServeError, NotFoundError
-from client.inspect_cli import add_inspect_command
-from client.introspection import IntrospectionClient
-from client.pb import moduleserve_v1_pb2 as pb
-from client.pb import moduleserve_v1_pb2_grpc as pb_grpc
-from registry.api import Registry
-from registry.classes import parse_input_spec
-from registry.demo.models import MLP, FrozenBackboneNet, MyNet, Net, TiedAutoencoder
-from server.app import App
+from moduleserve.client.client import ModelClient
+from moduleserve.client.errors import InvalidArgumentError, ModuleServeError, NotFoundError
+from moduleserve.client.inspect_cli import add_inspect_command
+from moduleserve.client.introspection import IntrospectionClient
+from moduleserve.client.pb import moduleserve_v1_pb2 as pb
+from moduleserve.client.pb import moduleserve_v1_pb2_grpc as pb_grpc
+from moduleserve.registry.api import Registry
+from moduleserve.registry.classes import parse_input_spec
+from moduleserve.registry.demo.models import MLP, FrozenBackboneNet, MyNet, Net, TiedAutoencoder
+from moduleserve.server.app import App
 from tests.helpers import (
     ServerThread,
     approx,
@@ -44,17 +44,22 @@ IMAGE = "x:float32:-1,3,8,8"
 VECTOR = "x:float32:-1,8"
 # (registered class name, import path, kwargs, input spec)
 CLASSES = [
-    ("mynet", "registry.demo.models:MyNet", {}, IMAGE),
-    ("net", "registry.demo.models:Net", {"channels": 4}, IMAGE),
-    ("mlp", "registry.demo.models:MLP", {"in_features": 8, "hidden": [6, 5]}, "x:float32:-1,8"),
+    ("mynet", "moduleserve.registry.demo.models:MyNet", {}, IMAGE),
+    ("net", "moduleserve.registry.demo.models:Net", {"channels": 4}, IMAGE),
+    (
+        "mlp",
+        "moduleserve.registry.demo.models:MLP",
+        {"in_features": 8, "hidden": [6, 5]},
+        "x:float32:-1,8",
+    ),
     (
         "mlp_wide",
-        "registry.demo.models:MLP",
+        "moduleserve.registry.demo.models:MLP",
         {"in_features": 8, "hidden": [7, 5]},
         "x:float32:-1,8",
     ),
-    ("frozen", "registry.demo.models:FrozenBackboneNet", {}, "x:float32:-1,16"),
-    ("tied", "registry.demo.models:TiedAutoencoder", {}, VECTOR),
+    ("frozen", "moduleserve.registry.demo.models:FrozenBackboneNet", {}, "x:float32:-1,16"),
+    ("tied", "moduleserve.registry.demo.models:TiedAutoencoder", {}, VECTOR),
 ]
 
 
@@ -373,7 +378,7 @@ ERROR_CASES: list[tuple[str, str, tuple[Any, ...], dict[str, Any], type, str]] =
         ("mynet", "1", "1"),
         {"other_model": "net"},
         InvalidArgumentError,
-        "cannot diff net:1 (registry.demo.models:Net) against mynet:1",
+        "cannot diff net:1 (moduleserve.registry.demo.models:Net) against mynet:1",
     ),
 ]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.cli import main
-from registry.api import Registry
+from moduleserve.client.cli import main
+from moduleserve.registry.api import Registry
 from tests.helpers import ServerThread
 
 

@@ -8,20 +8,20 @@ import time
 import pytest
 import torch
 
-from registry.api import Registry
-from registry.classes import parse_input_spec
-from registry.entities import JobEpoch
-from registry.errors import JobNotFoundError, JobStateError
-from registry.jobs import JobResult
-from registry.jobspec import JobSpec
-from registry.orm import utcnow
+from moduleserve.registry.api import Registry
+from moduleserve.registry.classes import parse_input_spec
+from moduleserve.registry.entities import JobEpoch
+from moduleserve.registry.errors import JobNotFoundError, JobStateError
+from moduleserve.registry.jobs import JobResult
+from moduleserve.registry.jobspec import JobSpec
+from moduleserve.registry.orm import utcnow
 
 KWARGS = {"in_features": 4, "hidden": [8], "out_features": 3, "dropout": 0.0}
 
 
 def _seed(registry: Registry) -> None:
     registry.classes.register(
-        "MLP", "registry.demo.models:MLP", KWARGS, [parse_input_spec("x:float32:-1,4")]
+        "MLP", "moduleserve.registry.demo.models:MLP", KWARGS, [parse_input_spec("x:float32:-1,4")]
     )
     module = registry.classes.build(registry.classes.get("MLP"))
     registry.push("mlp", module.state_dict(), class_name="MLP", alias="production")
@@ -41,7 +41,7 @@ def _queue(registry: Registry, alias: str | None = None) -> str:
 
 def _result(registry: Registry, job_id: str) -> JobResult:
     weights = registry.state_dict(registry.checkpoints.resolve("mlp", "1"))
-    from registry.formats import encode_tensors
+    from moduleserve.registry.formats import encode_tensors
 
     data = encode_tensors({k: v + 1 for k, v in weights.items()})
     return JobResult(registry.blobs.put(data), len(data), "MLP", {"train_loss": 0.5}, 0, "tuned")

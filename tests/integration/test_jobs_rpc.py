@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from client.client import ModelClient
-from client.errors import (
+from moduleserve.client.client import ModelClient
+from moduleserve.client.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     ModuleServeError,
@@ -19,8 +19,8 @@ from client.errors import (
     PermissionDeniedError,
     UnauthenticatedError,
 )
-from client.jobs import JobInfo
-from registry.api import Registry
+from moduleserve.client.jobs import JobInfo
+from moduleserve.registry.api import Registry
 from tests.helpers import ServerThread, server_settings
 
 FINISHED = {"succeeded", "failed", "cancelled"}

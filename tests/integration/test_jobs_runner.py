@@ -6,9 +6,9 @@ import threading
 
 import torch
 
-from registry.api import Registry
-from registry.jobspec import JobSpec
-from server.jobs.runner import run_job
+from moduleserve.registry.api import Registry
+from moduleserve.registry.jobspec import JobSpec
+from moduleserve.server.jobs.runner import run_job
 
 
 def test_early_stopping_registers_the_best_epoch_not_the_last(demo_registry: Registry) -> None:

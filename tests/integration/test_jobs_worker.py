@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from registry.api import Registry
-from registry.demo.seed import seed_demo
-from registry.entities import Job
-from registry.jobspec import JobSpec
+from moduleserve.registry.api import Registry
+from moduleserve.registry.demo.seed import seed_demo
+from moduleserve.registry.entities import Job
+from moduleserve.registry.jobspec import JobSpec
 from tests.helpers import REPO, postgres_schema, postgres_url, registry_settings, subprocess_env
 
 
@@ -35,7 +35,7 @@ class Workers:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self, name: str, lease_s: float = 1.5) -> subprocess.Popen[bytes]:
-        args = [sys.executable, "-m", "server.jobs.worker", "--worker-id", name]
+        args = [sys.executable, "-m", "moduleserve.server.jobs.worker", "--worker-id", name]
         args += ["--lease-s", str(lease_s), "--poll-s", "0.1", "--nice", "0"]
         proc = subprocess.Popen(args, env=self.env, cwd=REPO, stderr=subprocess.DEVNULL)
         self.procs.append(proc)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from client.client import ModelClient
-from registry.api import Registry
-from registry.classes import parse_input_spec
+from moduleserve.client.client import ModelClient
+from moduleserve.registry.api import Registry
+from moduleserve.registry.classes import parse_input_spec
 from tests.helpers import ServerThread, server_settings
 from tests.models import SlowNet
 
@@ -29,7 +29,7 @@ HISTOGRAMS = (
 @pytest.fixture
 def metered(demo_registry: Registry, caplog: pytest.LogCaptureFixture) -> Iterator[ServerThread]:
     """A server with its metrics endpoint on a free port; cache logs captured."""
-    caplog.set_level(logging.INFO, logger="server.engine.cache")
+    caplog.set_level(logging.INFO, logger="moduleserve.server.engine.cache")
     settings = server_settings(
         demo_registry.settings.database_url(), demo_registry.settings.store, metrics_port=0
     )

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
+import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from registry.db import (
+from moduleserve.registry.db import (
     Database,
     alembic_config,
     check_schema,
@@ -16,8 +19,8 @@ from registry.db import (
     head_revision,
     migrate,
 )
-from registry.errors import SchemaOutdatedError
-from registry.orm import Base
+from moduleserve.registry.errors import SchemaOutdatedError
+from moduleserve.registry.orm import Base
 
 
 def test_upgrade_matches_the_orm_then_downgrade_and_upgrade_again(db_url: str) -> None:
@@ -43,3 +46,58 @@ def test_history_is_linear_and_every_migration_says_why() -> None:
     assert len(scripts.get_heads()) == 1
     for revision in scripts.walk_revisions():
         assert "Why:" in (revision.module.__doc__ or ""), revision.revision
+
+
+_DEMO_RENAME = "68d8b43ac029"  # moves registry.demo import paths under moduleserve.registry.demo
+
+
+def test_demo_import_paths_move_under_moduleserve_and_back(db_url: str) -> None:
+    scripts = ScriptDirectory.from_config(alembic_config())
+    revision = scripts.get_revision(_DEMO_RENAME)
+    assert revision is not None and revision.down_revision is not None
+    db = Database(db_url)
+    with db.engine.connect() as conn:
+        command.upgrade(alembic_config(conn), str(revision.down_revision))
+        conn.commit()
+    old = {
+        "MyNet": "registry.demo.models:MyNet",
+        "Pkg": "registry.demo:Thing",
+        "Own": "mymodels.nets:Own",
+        "Lookalike": "registry.demolition:X",
+        "Done": "moduleserve.registry.demo.models:MLP",
+    }
+    new = {
+        **old,
+        "MyNet": "moduleserve.registry.demo.models:MyNet",
+        "Pkg": "moduleserve.registry.demo:Thing",
+    }
+    classes = sa.table(
+        "module_classes",
+        *(sa.column(c) for c in ("name", "import_path", "kwargs", "inputs", "outputs")),
+        sa.column("description"),
+        sa.column("created_at", sa.DateTime()),
+    )
+    now = datetime.now(UTC).replace(tzinfo=None)
+    with db.engine.begin() as conn:
+        for name, path in old.items():
+            conn.execute(
+                classes.insert().values(
+                    name=name, import_path=path, kwargs="{}", inputs="[]", outputs="[]",
+                    description="", created_at=now,
+                )
+            )  # fmt: skip
+
+    def paths() -> dict[str, str]:
+        with db.engine.connect() as conn:
+            rows = conn.execute(sa.select(classes.c.name, classes.c.import_path))
+            return {name: path for name, path in rows}
+
+    migrate(db)
+    assert paths() == new
+    with db.engine.connect() as conn:
+        command.downgrade(alembic_config(conn), str(revision.down_revision))
+        conn.commit()
+    back = {**new, "MyNet": old["MyNet"], "Pkg": old["Pkg"]}
+    back["Done"] = "registry.demo.models:MLP"  # already moved: the downgrade moves it too
+    assert paths() == back
+    db.dispose()

@@ -11,11 +11,11 @@ import psutil
 import pytest
 import torch
 
-from client.client import ModelClient
-from client.errors import UnavailableError
-from registry.api import Registry
-from registry.classes import parse_input_spec
-from server.engine.batcher import DynamicBatcher
+from moduleserve.client.client import ModelClient
+from moduleserve.client.errors import UnavailableError
+from moduleserve.registry.api import Registry
+from moduleserve.registry.classes import parse_input_spec
+from moduleserve.server.engine.batcher import DynamicBatcher
 from tests.helpers import ServerThread, server_settings
 from tests.models import Wide
 

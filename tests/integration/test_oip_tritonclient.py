@@ -7,9 +7,9 @@ import pytest
 import torch
 import tritonclient.grpc as triton
 
-from registry.api import Registry
-from registry.classes import parse_input_spec
-from registry.demo.models import TwoInputNet
+from moduleserve.registry.api import Registry
+from moduleserve.registry.classes import parse_input_spec
+from moduleserve.registry.demo.models import TwoInputNet
 from tests.helpers import ServerThread
 
 
@@ -46,7 +46,7 @@ def test_model_metadata_and_config(client: triton.InferenceServerClient) -> None
     assert config.max_batch_size == 32
     assert [(i.name, list(i.dims)) for i in config.input] == [("x", [784])]
     assert [(o.name, list(o.dims)) for o in config.output] == [("output0", [10])]
-    assert config.parameters["module_class"].string_value == "registry.demo.models:MLP"
+    assert config.parameters["module_class"].string_value == "moduleserve.registry.demo.models:MLP"
 
 
 def test_infer_raw_fp32(client: triton.InferenceServerClient, demo_registry: Registry) -> None:
@@ -80,7 +80,7 @@ def test_several_named_inputs_map_to_forward_parameters(
 ) -> None:
     demo_registry.classes.register(
         "Two",
-        "registry.demo.models:TwoInputNet",
+        "moduleserve.registry.demo.models:TwoInputNet",
         {},
         [parse_input_spec("a:float32:-1,4"), parse_input_spec("b:float32:-1,4")],
     )
@@ -138,7 +138,7 @@ def test_repository_index_load_unload_and_statistics(
 def test_tritonclient_and_our_client_share_one_process() -> None:
     from tritonclient.grpc import service_pb2 as theirs
 
-    import client.pb.oip_v2_pb2 as ours
+    import moduleserve.client.pb.oip_v2_pb2 as ours
 
     assert ours.ModelInferRequest.DESCRIPTOR.full_name == "moduleserve.oip.v2.ModelInferRequest"
     assert theirs.ModelInferRequest.DESCRIPTOR.full_name == "inference.ModelInferRequest"

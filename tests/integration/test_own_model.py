@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from client.client import ModelClient
-from registry.cli import main as registry_cli
-from server.config import ServerSettings
+from moduleserve.client.client import ModelClient
+from moduleserve.registry.cli import main as registry_cli
+from moduleserve.server.config import ServerSettings
 from tests.helpers import ServerThread
 
 NETS = """
@@ -99,7 +99,7 @@ def test_the_errors_name_the_setting_that_fixes_them(
 
 def test_allowed_prefixes_add_to_the_demos(project: Path) -> None:
     settings = ServerSettings(allowed_class_prefixes=["ownnets"])
-    assert settings.allowed_prefixes() == ["registry.demo", "ownnets"]
+    assert settings.allowed_prefixes() == ["moduleserve.registry.demo", "ownnets"]
 
 
 def test_the_server_names_its_settings_file_and_a_model_it_has(
@@ -115,7 +115,7 @@ def test_the_server_names_its_settings_file_and_a_model_it_has(
     assert registry_cli(["init"]) == 0 and registry_cli(register) == 0
     assert registry_cli(["push", "scale", str(project / "scale.pth"), "--class", "Scale"]) == 0
     port_file = project / "port"
-    args = [_sys.executable, "-m", "server", "--grpc-port", "0", "--no-metrics"]
+    args = [_sys.executable, "-m", "moduleserve.server", "--grpc-port", "0", "--no-metrics"]
     args += ["--job-workers", "0", "--port-file", str(port_file)]
     proc = subprocess.Popen(
         args, cwd=project / "notebooks", env=dict(os.environ), text=True,

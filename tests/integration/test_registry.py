@@ -9,11 +9,11 @@ import pytest
 import sqlalchemy as sa
 import torch
 
-from registry.api import Registry
-from registry.checkpoints import UNSET
-from registry.classes import parse_input_spec
-from registry.demo.models import MLP, MyNet, Net, TiedAutoencoder
-from registry.errors import (
+from moduleserve.registry.api import Registry
+from moduleserve.registry.checkpoints import UNSET
+from moduleserve.registry.classes import parse_input_spec
+from moduleserve.registry.demo.models import MLP, MyNet, Net, TiedAutoencoder
+from moduleserve.registry.errors import (
     AliasConflictError,
     ClassBuildError,
     ClassMismatchError,
@@ -31,16 +31,25 @@ from tests.helpers import run_python, subprocess_env
 
 def register_demo_classes(registry: Registry) -> None:
     registry.classes.register(
-        "MyNet", "registry.demo.models:MyNet", {}, [parse_input_spec("x:float32:-1,3,8,8")]
+        "MyNet",
+        "moduleserve.registry.demo.models:MyNet",
+        {},
+        [parse_input_spec("x:float32:-1,3,8,8")],
     )
     registry.classes.register(
-        "MLP", "registry.demo.models:MLP", {"hidden": [16]}, [parse_input_spec("x:float32:-1,784")]
+        "MLP",
+        "moduleserve.registry.demo.models:MLP",
+        {"hidden": [16]},
+        [parse_input_spec("x:float32:-1,784")],
     )
     registry.classes.register(
-        "Tied", "registry.demo.models:TiedAutoencoder", {}, [parse_input_spec("x:float32:-1,8")]
+        "Tied",
+        "moduleserve.registry.demo.models:TiedAutoencoder",
+        {},
+        [parse_input_spec("x:float32:-1,8")],
     )
     registry.classes.register(
-        "Net", "registry.demo.models:Net", {}, [parse_input_spec("x:float32:-1,3,8,8")]
+        "Net", "moduleserve.registry.demo.models:Net", {}, [parse_input_spec("x:float32:-1,3,8,8")]
     )
 
 
@@ -255,18 +264,21 @@ def test_classes_outside_allowed_prefixes_are_never_imported(registry: Registry)
         registry.classes.register("evil", "os:system", {}, [parse_input_spec("x:float32:-1,1")])
     with pytest.raises(ClassNotAllowedError):
         registry.classes.register(
-            "evil", "registry.demoevil:X", {}, [parse_input_spec("x:float32:-1,1")]
+            "evil", "moduleserve.registry.demoevil:X", {}, [parse_input_spec("x:float32:-1,1")]
         )
     with pytest.raises(ClassBuildError, match="unexpected keyword"):
         registry.classes.register(
             "bad",
-            "registry.demo.models:MyNet",
+            "moduleserve.registry.demo.models:MyNet",
             {"nope": 1},
             [parse_input_spec("x:float32:-1,3,8,8")],
         )
     with pytest.raises(InvalidInputError, match="forward"):
         registry.classes.register(
-            "bad", "registry.demo.models:MyNet", {}, [parse_input_spec("image:float32:-1,3,8,8")]
+            "bad",
+            "moduleserve.registry.demo.models:MyNet",
+            {},
+            [parse_input_spec("image:float32:-1,3,8,8")],
         )
     assert registry.classes.list() == []
 
@@ -274,7 +286,7 @@ def test_classes_outside_allowed_prefixes_are_never_imported(registry: Registry)
 def test_class_registration_records_inputs_and_inferred_outputs(registry: Registry) -> None:
     cls = registry.classes.register(
         "two",
-        "registry.demo.models:TwoInputNet",
+        "moduleserve.registry.demo.models:TwoInputNet",
         {},
         [parse_input_spec("a:float32:-1,4"), parse_input_spec("b:float32:-1,4")],
     )
@@ -327,9 +339,9 @@ def test_concurrent_pushers_get_distinct_consecutive_versions(
     reg.push("mynet", MyNet().state_dict(), class_name="MyNet")
     code = (
         "import torch\n"
-        "from registry.api import Registry\n"
-        "from registry.config import RegistrySettings\n"
-        "from registry.demo.models import MyNet\n"
+        "from moduleserve.registry.api import Registry\n"
+        "from moduleserve.registry.config import RegistrySettings\n"
+        "from moduleserve.registry.demo.models import MyNet\n"
         "r = Registry(RegistrySettings())\n"
         "print(' '.join(str(r.push('mynet', MyNet().state_dict()).version) for _ in range(5)))\n"
     )
@@ -356,7 +368,7 @@ def test_concurrent_pushers_get_distinct_consecutive_versions(
 
 
 def test_several_processes_migrating_at_once_all_succeed(db_url: str, store: Path) -> None:
-    code = "from registry.cli import main; raise SystemExit(main(['init']))"
+    code = "from moduleserve.registry.cli import main; raise SystemExit(main(['init']))"
     env = subprocess_env(db_url, store)
     import subprocess
     import sys
@@ -376,7 +388,7 @@ def test_several_processes_migrating_at_once_all_succeed(db_url: str, store: Pat
     assert sum("migrated from empty" in out for out, _ in results) == 1
     assert (
         run_python(
-            "from registry.cli import main; raise SystemExit(main(['list']))", env
+            "from moduleserve.registry.cli import main; raise SystemExit(main(['list']))", env
         ).returncode
         == 0
     )
@@ -409,7 +421,7 @@ def test_schema_tables_exist(registry: Registry) -> None:
 def test_racing_first_alias_sets_give_one_winner_and_conflicts(reg: Registry) -> None:
     import threading
 
-    from registry.errors import ConflictError
+    from moduleserve.registry.errors import ConflictError
 
     reg.push("mynet", MyNet().state_dict(), class_name="MyNet")
     barrier = threading.Barrier(6)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from registry.cli import main
-from registry.demo.models import MyNet
+from moduleserve.registry.cli import main
+from moduleserve.registry.demo.models import MyNet
 from tests.helpers import Cli
 
 
@@ -26,7 +26,7 @@ def test_a_full_admin_session(cli: Cli, tmp_path: Path) -> None:
         "classes",
         "register",
         "MyNet",
-        "registry.demo.models:MyNet",
+        "moduleserve.registry.demo.models:MyNet",
         "--input",
         "x:float32:-1,3,8,8",
     )
@@ -109,7 +109,7 @@ def test_errors_are_one_sentence_with_exit_codes(cli: Cli, tmp_path: Path) -> No
         "classes",
         "register",
         "c",
-        "registry.demo.models:MyNet",
+        "moduleserve.registry.demo.models:MyNet",
         "--kwargs",
         "{nope",
         "--input",
@@ -126,7 +126,7 @@ def test_verify_fails_on_a_corrupt_blob(cli: Cli, store: Path, tmp_path: Path) -
         "classes",
         "register",
         "MyNet",
-        "registry.demo.models:MyNet",
+        "moduleserve.registry.demo.models:MyNet",
         "--input",
         "x:float32:-1,3,8,8",
     )

@@ -14,10 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from client.introspection import TensorStats, Totals
-from registry.api import Registry
-from registry.classes import parse_input_spec
-from registry.demo.models import FrozenBackboneNet, MyNet, Net
+from moduleserve.client.introspection import TensorStats, Totals
+from moduleserve.registry.api import Registry
+from moduleserve.registry.classes import parse_input_spec
+from moduleserve.registry.demo.models import FrozenBackboneNet, MyNet, Net
 from tests.helpers import (
     Cli,
     approx,
@@ -49,9 +49,9 @@ class InspectCli(Cli):
 def pushed(registry: Registry) -> dict[str, nn.Module]:
     """mynet:1 (alias production), mynet:2 (fc tuned), net:1, frozen:1, by model:version."""
     for name, path, kwargs, spec in (
-        ("mynet", "registry.demo.models:MyNet", {}, IMAGE),
-        ("net", "registry.demo.models:Net", {"channels": 4}, IMAGE),
-        ("frozen", "registry.demo.models:FrozenBackboneNet", {}, "x:float32:-1,16"),
+        ("mynet", "moduleserve.registry.demo.models:MyNet", {}, IMAGE),
+        ("net", "moduleserve.registry.demo.models:Net", {"channels": 4}, IMAGE),
+        ("frozen", "moduleserve.registry.demo.models:FrozenBackboneNet", {}, "x:float32:-1,16"),
     ):
         registry.classes.register(name, path, kwargs, [parse_input_spec(spec)])
     first, tuned, net = MyNet(), MyNet(), Net(channels=4)
@@ -140,7 +140,7 @@ def test_diff(cli: InspectCli, pushed: dict[str, nn.Module]) -> None:
 
 def test_refusals_are_one_sentence(cli: InspectCli) -> None:
     err = cli.refused("mynet", "diff", "net:1")
-    assert "cannot diff net:1 (registry.demo.models:Net) against mynet:1" in err
+    assert "cannot diff net:1 (moduleserve.registry.demo.models:Net) against mynet:1" in err
     assert err.rstrip().endswith("they are different Module classes")
     err = cli.refused("mynet", "tensor", "fc.wieght")
     assert (

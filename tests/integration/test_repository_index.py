@@ -8,9 +8,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from client.client import ModelClient
-from registry.api import Registry
-from registry.classes import parse_input_spec
+from moduleserve.client.client import ModelClient
+from moduleserve.registry.api import Registry
+from moduleserve.registry.classes import parse_input_spec
 from tests.helpers import ServerThread, server_settings
 from tests.models import Doubler
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.client import ModelClient
-from client.errors import ResourceExhaustedError
-from client.pb import oip_v2_pb2 as pb
-from registry.api import Registry
-from registry.classes import parse_input_spec
-from registry.demo.models import MyNet
+from moduleserve.client.client import ModelClient
+from moduleserve.client.errors import ResourceExhaustedError
+from moduleserve.client.pb import oip_v2_pb2 as pb
+from moduleserve.registry.api import Registry
+from moduleserve.registry.classes import parse_input_spec
+from moduleserve.registry.demo.models import MyNet
 from tests.helpers import ServerThread, server_settings
 
 

@@ -8,14 +8,14 @@ import grpc
 import numpy as np
 import pytest
 
-from client.client import ModelClient
-from client.errors import ERROR_FOR, ModuleServeError
-from registry import errors as registry_errors
-from registry.api import Registry
-from registry.classes import parse_input_spec
-from registry.introspect import IntrospectionError
-from server import errors as server_errors
-from server.status import STATUS_FOR, status_for
+from moduleserve.client.client import ModelClient
+from moduleserve.client.errors import ERROR_FOR, ModuleServeError
+from moduleserve.registry import errors as registry_errors
+from moduleserve.registry.api import Registry
+from moduleserve.registry.classes import parse_input_spec
+from moduleserve.registry.introspect import IntrospectionError
+from moduleserve.server import errors as server_errors
+from moduleserve.server.status import STATUS_FOR, status_for
 from tests.helpers import ServerThread, server_settings
 from tests.models import NanHater
 

@@ -10,12 +10,12 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from client.client import ModelClient
-from client.errors import DeadlineExceededError, InvalidArgumentError
-from client.oip import method_path
-from client.pb import oip_v2_pb2 as pb
-from registry.api import Registry
-from registry.classes import parse_input_spec
+from moduleserve.client.client import ModelClient
+from moduleserve.client.errors import DeadlineExceededError, InvalidArgumentError
+from moduleserve.client.oip import method_path
+from moduleserve.client.pb import oip_v2_pb2 as pb
+from moduleserve.registry.api import Registry
+from moduleserve.registry.classes import parse_input_spec
 from tests.helpers import ServerThread, server_settings
 from tests.models import SlowNet
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from server.engine.batcher import (
+from moduleserve.server.engine.batcher import (
     DURATION_BUCKETS_S,
     DynamicBatcher,
     StatsLedger,
@@ -27,7 +27,7 @@ from server.engine.batcher import (
     duration_bucket,
     split,
 )
-from server.errors import (
+from moduleserve.server.errors import (
     DeadlineExceededError,
     InvalidInputError,
     ModelNotReadyError,

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from client.pb import oip_v2_pb2 as pb
-from server.convert import (
+from moduleserve.client.pb import oip_v2_pb2 as pb
+from moduleserve.server.convert import (
     DATATYPES,
     check_input,
     datatype_of,
@@ -18,7 +18,12 @@ from server.convert import (
     tensor_to_pb,
     torch_dtype,
 )
-from server.errors import ByteCountError, DtypeError, InvalidInputError, ShapeMismatchError
+from moduleserve.server.errors import (
+    ByteCountError,
+    DtypeError,
+    InvalidInputError,
+    ShapeMismatchError,
+)
 
 # server.convert silences this in production; pytest resets warning filters per test.
 pytestmark = pytest.mark.filterwarnings("ignore:The given buffer is not writable:UserWarning")

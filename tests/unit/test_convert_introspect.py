@@ -11,13 +11,13 @@ import pytest
 import torch
 from google.protobuf.message import Message
 
-from client import introspection as client_side
-from client.pb import moduleserve_v1_pb2 as pb
-from registry import introspect
-from registry.demo.models import MLP, FrozenBackboneNet, Net, TiedAutoencoder
-from registry.entities import Version
-from registry.errors import InvalidInputError
-from server import convert_introspect as convert
+from moduleserve.client import introspection as client_side
+from moduleserve.client.pb import moduleserve_v1_pb2 as pb
+from moduleserve.registry import introspect
+from moduleserve.registry.demo.models import MLP, FrozenBackboneNet, Net, TiedAutoencoder
+from moduleserve.registry.entities import Version
+from moduleserve.registry.errors import InvalidInputError
+from moduleserve.server import convert_introspect as convert
 
 VERSION = Version("net", 3, "net", "0" * 64, 1, None, "upload", "", {}, {}, datetime.now(UTC))
 

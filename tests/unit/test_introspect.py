@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from registry.demo.models import MLP, FrozenBackboneNet, MyNet, Net, TiedAutoencoder
-from registry.introspect import (
+from moduleserve.registry.demo.models import MLP, FrozenBackboneNet, MyNet, Net, TiedAutoencoder
+from moduleserve.registry.introspect import (
     DiffMetrics,
     InvalidPatternError,
     InvalidSliceError,

@@ -11,9 +11,9 @@ import grpc
 import numpy as np
 import pytest
 
-from client.cli import main
-from client.errors import AlreadyExistsError, UnavailableError, from_rpc_error
-from client.jobs import (
+from moduleserve.client.cli import main
+from moduleserve.client.errors import AlreadyExistsError, UnavailableError, from_rpc_error
+from moduleserve.client.jobs import (
     DatasetInfo,
     JobEventInfo,
     JobInfo,
@@ -25,15 +25,15 @@ from client.jobs import (
     spec_to_pb,
     upload_requests,
 )
-from client.jobs_cli import follow
-from client.jobs_render import (
+from moduleserve.client.jobs_cli import follow
+from moduleserve.client.jobs_render import (
     format_event,
     format_progress,
     format_summary,
     loss_series,
     plot_curves,
 )
-from client.pb import moduleserve_v1_pb2 as pb
+from moduleserve.client.pb import moduleserve_v1_pb2 as pb
 
 AT = 1_795_893_662.0
 

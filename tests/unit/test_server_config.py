@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from server.cli import main
-from server.config import ServerSettings
+from moduleserve.server.cli import main
+from moduleserve.server.config import ServerSettings
 
 
 @pytest.mark.parametrize(

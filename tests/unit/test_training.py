@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from registry.demo.models import MLP, FrozenBackboneNet, TiedAutoencoder, TwoInputNet
-from registry.entities import ModuleClass, TensorSpec
-from registry.errors import InvalidInputError
-from registry.jobspec import JobSpec
-from server.jobs.data import TrainData, steps_per_epoch, train_data_from
-from server.jobs.training import (
+from moduleserve.registry.demo.models import MLP, FrozenBackboneNet, TiedAutoencoder, TwoInputNet
+from moduleserve.registry.entities import ModuleClass, TensorSpec
+from moduleserve.registry.errors import InvalidInputError
+from moduleserve.registry.jobspec import JobSpec
+from moduleserve.server.jobs.data import TrainData, steps_per_epoch, train_data_from
+from moduleserve.server.jobs.training import (
     EpochEnd,
     Progress,
     TrainingError,
@@ -120,7 +120,7 @@ def module_class(
 ) -> ModuleClass:
     return ModuleClass(
         name=name,
-        import_path=f"registry.demo.models:{name}",
+        import_path=f"moduleserve.registry.demo.models:{name}",
         kwargs={},
         inputs=tuple(TensorSpec(*spec) for spec in inputs),
         outputs=(TensorSpec("output", "float32", output),),
