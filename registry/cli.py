@@ -34,7 +34,7 @@ from moduleserve.registry.commands import (
     cmd_tag,
     cmd_verify,
 )
-from moduleserve.registry.config import RegistrySettings
+from moduleserve.registry.config import RegistrySettings, with_added
 from moduleserve.registry.errors import RegistryError
 from moduleserve.registry.inspect_cli import add_inspect_command
 
@@ -104,11 +104,8 @@ def _settings(args: argparse.Namespace) -> RegistrySettings:
         overrides["db"] = args.db
     if args.store:
         overrides["store"] = Path(args.store)
-    if args.allow_prefix:
-        overrides["allowed_class_prefixes"] = args.allow_prefix
-    if args.class_path:
-        overrides["class_path"] = [Path(p) for p in args.class_path]
-    return RegistrySettings(**overrides)
+    class_path = [Path(p) for p in args.class_path or ()]
+    return with_added(RegistrySettings(**overrides), args.allow_prefix or (), class_path)
 
 
 # -- parser --------------------------------------------------------------------------------

@@ -9,10 +9,13 @@ project uses the same registry.
 
 from __future__ import annotations
 
+import difflib
 import os
+import stat
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import Field
 from pydantic.fields import FieldInfo
@@ -82,6 +85,24 @@ class RegistrySettings(BaseSettings):
         return list(dict.fromkeys([DEMO_PREFIX, *self.allowed_class_prefixes]))
 
 
+SettingsT = TypeVar("SettingsT", bound=RegistrySettings)
+
+
+def with_added(
+    settings: SettingsT, prefixes: Sequence[str] = (), class_path: Sequence[Path] = ()
+) -> SettingsT:
+    """`settings` with the command line's --allow-prefix and --class-path added to what the
+    environment or moduleserve.toml gave (flags extend those lists rather than replace them)."""
+    if not prefixes and not class_path:
+        return settings
+    return settings.model_copy(
+        update={
+            "allowed_class_prefixes": [*settings.allowed_class_prefixes, *prefixes],
+            "class_path": [*settings.class_path, *class_path],
+        }
+    )
+
+
 class ProjectFileSource(PydanticBaseSettingsSource):
     """Settings from the nearest moduleserve.toml (keys are the settings' field names)."""
 
@@ -98,8 +119,29 @@ class ProjectFileSource(PydanticBaseSettingsSource):
         if self.path is None:
             return {}
         fields = self.settings_cls.model_fields
+        for key in self.values:
+            # Keys of other commands' settings (a server option read by the registry CLI)
+            # are fine; one a letter away from ours is a typo that would be ignored.
+            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.85)
+            if key not in fields and close:
+                raise ValueError(
+                    f"{self.path}: unknown setting {key!r}; did you mean {close[0]!r}?"
+                )
         values = {k: v for k, v in self.values.items() if k in fields}
         return {**values, "config_file": self.path}
+
+
+def _check_trusted(path: Path) -> None:
+    """Refuse a settings file another user could have written: it chooses which code loads."""
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from exc
+    if info.st_uid not in (os.getuid(), 0) or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ValueError(
+            f"refusing {path}: another user owns it or may write it, and it decides which "
+            "code moduleserve imports; fix its owner and mode, or set MODULESERVE_CONFIG"
+        )
 
 
 def find_config_file(start: Path | None = None) -> Path | None:
@@ -117,6 +159,7 @@ def find_config_file(start: Path | None = None) -> Path | None:
 
 def _read(path: Path) -> dict[str, Any]:
     """The file's settings, with relative paths made relative to the file's folder."""
+    _check_trusted(path)
     try:
         values = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
@@ -125,7 +168,9 @@ def _read(path: Path) -> dict[str, Any]:
     if "store" in values:
         values["store"] = str(base / str(values["store"]))
     if "class_path" in values:
-        values["class_path"] = [str(base / str(p)) for p in values["class_path"]]
+        folders = values["class_path"]
+        folders = [folders] if isinstance(folders, str) else folders
+        values["class_path"] = [str(base / str(p)) for p in folders]
     db = str(values.get("db", ""))
     if db.startswith("sqlite:///") and not db.startswith("sqlite:////"):
         values["db"] = f"sqlite:///{base / db.removeprefix('sqlite:///')}"

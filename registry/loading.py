@@ -17,11 +17,15 @@ def check_fits(
     expected: Mapping[str, torch.Tensor],
     given: Mapping[str, torch.Tensor],
     source: str = "state_dict",
+    *,
+    kinds: bool = True,
 ) -> None:
     """Raise StateDictMismatchError naming missing/unexpected keys, shape and dtype mismatches.
 
-    A dtype may differ only within its kind (float64 into a float32 layer is cast at load);
-    bool or complex values in a float layer, or floats in an integer buffer, are refused.
+    With `kinds` (a push), a dtype may differ only within its kind (float64 into a float32
+    layer is cast at load); bool or complex values in a float layer, or floats in an integer
+    buffer, are refused. Loading a stored version passes `kinds=False`: versions pushed
+    before that check existed (a state_dict cast with `.float()`, say) keep loading.
     """
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
@@ -34,7 +38,7 @@ def check_fits(
     wrong_dtypes = [
         (key, dtype_name(expected[key].dtype), dtype_name(given[key].dtype))
         for key in common
-        if dtype_kind(expected[key].dtype) != dtype_kind(given[key].dtype)
+        if kinds and dtype_kind(expected[key].dtype) != dtype_kind(given[key].dtype)
     ]
     if missing or unexpected or mismatched or wrong_dtypes:
         raise StateDictMismatchError(
@@ -67,7 +71,7 @@ def load_into(
     build cannot fill; the caller then builds it for real.
     """
     expected = skeleton.state_dict()
-    check_fits(class_name, expected, tensors)
+    check_fits(class_name, expected, tensors, kinds=False)
     # The class decides the dtypes; a float64 upload into a float32 layer is cast.
     matched = {
         key: value if value.dtype == expected[key].dtype else value.to(expected[key].dtype)
@@ -83,7 +87,7 @@ def load_copying(
     class_name: str, module: nn.Module, tensors: Mapping[str, torch.Tensor]
 ) -> nn.Module:
     """Load strictly into a module built normally (the fallback path of `load_into`)."""
-    check_fits(class_name, module.state_dict(), tensors)
+    check_fits(class_name, module.state_dict(), tensors, kinds=False)
     module.load_state_dict(dict(tensors), strict=True)
     return module
 

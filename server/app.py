@@ -7,6 +7,7 @@ import errno
 import logging
 import re
 import signal
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -198,7 +199,7 @@ class App:
         await self.job_workers.stop()
         self.executors.shutdown()
         if self._metrics is not None:
-            self._metrics.close()
+            await self._metrics.close()
         self.registry.close()
 
 
@@ -248,19 +249,22 @@ async def serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     port = await app.start()
-    extra = start_workers(workers - 1, argv, port) if workers > 1 else []
-    if port_file is not None:
-        tmp = port_file.with_suffix(".tmp")
-        tmp.write_text(str(port))
-        tmp.replace(port_file)  # readers never see a half-written number
-    models = await asyncio.to_thread(app.registry.checkpoints.list_models)
-    print(_banner(settings, port, app.metrics_port, [m.name for m in models]), flush=True)
-    await stop.wait()
-    logger.info(
-        "shutting down: finishing in-flight requests (grace %.1fs)", settings.shutdown_grace_s
-    )
-    await app.stop()
-    codes = stop_workers(extra, settings.shutdown_grace_s + 30) if extra else []
+    extra: list[subprocess.Popen[bytes]] = []
+    try:  # whatever fails from here on, the server and its processes are stopped
+        extra = start_workers(workers - 1, argv, port) if workers > 1 else []
+        if port_file is not None:
+            tmp = port_file.with_suffix(".tmp")
+            tmp.write_text(str(port))
+            tmp.replace(port_file)  # readers never see a half-written number
+        models = await asyncio.to_thread(app.registry.checkpoints.list_models)
+        print(_banner(settings, port, app.metrics_port, [m.name for m in models]), flush=True)
+        await stop.wait()
+        logger.info(
+            "shutting down: finishing in-flight requests (grace %.1fs)", settings.shutdown_grace_s
+        )
+    finally:
+        await app.stop()
+        codes = stop_workers(extra, settings.shutdown_grace_s + 30) if extra else []
     if any(codes):
         raise RuntimeError(f"worker processes exited with {codes}")
     logger.info("stopped")

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from moduleserve.client.tables import version_text
+from moduleserve.registry.config import with_added
 from moduleserve.server.app import serve
 from moduleserve.server.config import BatchingSettings, ServerSettings, settings_error_text
 from moduleserve.server.engine.devices import resolve_device
@@ -148,6 +149,7 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
         for k, v in vars(args).items()
         if v is not None and k not in ("port_file", "no_metrics", "join_port")
     }
+    added = flags.pop("allowed_class_prefixes", ()), flags.pop("class_path", ())
     batching = {k: flags.pop(k) for k in BATCHING_FLAGS if k in flags}
     if args.no_metrics:
         flags["metrics_port"] = None
@@ -155,7 +157,7 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
         base = ServerSettings.model_fields["batching"].get_default(call_default_factory=True)
         env_batching = _env_batching() or base
         flags["batching"] = BatchingSettings(**{**env_batching.model_dump(), **batching})
-    return ServerSettings(**flags)
+    return with_added(ServerSettings(**flags), *added)
 
 
 def _env_batching() -> BatchingSettings | None:

@@ -134,6 +134,9 @@ MAX_REQUEST_HEAD = 16 * 1024
 
 METRICS_PATHS = ("/metrics", "/")
 
+MAX_CONNECTIONS = 64
+"""Open connections at most; more are closed at once (the gRPC server needs descriptors too)."""
+
 
 class MetricsServer:
     """`GET /metrics` over HTTP on the running event loop.
@@ -146,6 +149,7 @@ class MetricsServer:
         self._registry = registry
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self.port = 0
 
     async def start(self, host: str, port: int) -> int:
@@ -154,29 +158,41 @@ class MetricsServer:
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
-    def close(self) -> None:
-        """Stop listening and drop every open connection."""
+    async def close(self) -> None:
+        """Stop listening, drop every open connection and wait for their handlers."""
         if self._server is not None:
             self._server.close()
         for writer in self._writers:
             writer.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Answer requests on one connection until the client closes it, errs or idles."""
+        task = asyncio.current_task()
+        if len(self._writers) >= MAX_CONNECTIONS or task is None:
+            writer.close()
+            return
         self._writers.add(writer)
+        self._tasks.add(task)
         try:
             keep_alive = True
             while keep_alive:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
                 response, keep_alive = _respond(head.decode("latin-1"), self._registry)
                 writer.write(response)
-                await writer.drain()
+                # A client that never reads its answers does not hold the connection either.
+                await asyncio.wait_for(writer.drain(), READ_TIMEOUT_S)
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass  # idle too long, closed mid-request, or a head too large: just close
         except ConnectionError:
             pass
         finally:
             self._writers.discard(writer)
+            self._tasks.discard(task)
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()

@@ -573,9 +573,12 @@ class StatsLedger(Generic[K]):
             self._running.append((key, batcher))
 
     def retire(self, key: K, batcher: DynamicBatcher) -> None:
-        """Fold a stopped batcher's final counts into its key's totals and let go of it."""
+        """Fold a stopped batcher's final counts into its key's totals and let go of it
+        (once: a batcher already retired is not counted again)."""
         final = batcher.stats()
         with self._lock:
+            if not any(b is batcher for _, b in self._running):
+                return
             self._running = [(k, b) for k, b in self._running if b is not batcher]
             previous = self._stopped.pop(key, None)  # re-inserted last: the newest
             self._stopped[key] = final if previous is None else previous.plus(final)

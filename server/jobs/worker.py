@@ -15,6 +15,7 @@ import socket
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from pydantic import ValidationError
 
 from moduleserve.client.tables import version_text
 from moduleserve.registry.api import Registry
+from moduleserve.registry.config import with_added
 from moduleserve.registry.errors import RegistryError
 from moduleserve.server.config import WorkerSettings, settings_error_text
 from moduleserve.server.engine.devices import resolve_device
@@ -149,8 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags: dict[str, Any] = {
         k: v for k, v in vars(args).items() if v is not None and k != "parent_pid"
     }
+    prefixes = flags.pop("allowed_class_prefixes", ())
+    class_path = [Path(p) for p in flags.pop("class_path", ())]
     try:
-        settings = WorkerSettings(**flags)
+        settings = with_added(WorkerSettings(**flags), prefixes, class_path)
         resolve_device(settings.job_device)
     except (ValidationError, ValueError) as exc:
         print(f"error: invalid settings: {settings_error_text(exc)}", file=sys.stderr)

@@ -114,9 +114,15 @@ class IntrospectionServicer(pb_grpc.IntrospectionServicer):
             model=request.other.model or base_model, version=request.other.version
         )
         other_model, other_text = ref_from_pb(other_ref, "other")
+        # Resolved first so that a class that no longer builds is told as a failed load.
+        version = await asyncio.to_thread(self.registry.checkpoints.resolve, base_model, base_ref)
         async with self._builds:
-            base, other, diff, kinds = await asyncio.to_thread(
-                inspection.diff, self.registry, (base_model, base_ref), (other_model, other_text)
+            base, other, diff, kinds = await _built(
+                version,
+                inspection.diff,
+                self.registry,
+                (base_model, base_ref),
+                (other_model, other_text),
             )
         return diff_to_pb(base, other, diff, kinds)
 

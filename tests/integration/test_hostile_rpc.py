@@ -481,6 +481,11 @@ def _tensor_error(target: str, model: str) -> grpc.RpcError:
     return refused(lambda: introspect(target, "GetTensor", request))
 
 
+def _diff_error(target: str, model: str) -> grpc.RpcError:
+    request = v1.DiffVersionsRequest(base=ref(model=model), other=ref(model=model))
+    return refused(lambda: introspect(target, "DiffVersions", request))
+
+
 MISMATCH = (
     "model 'drifted' version 1 cannot be loaded: state_dict does not fit class 'Drifted': "
     "shape mismatch for linear.bias: expected [3], got [2]; "
@@ -518,6 +523,7 @@ def test_load_errors_say_what_failed_but_never_quote_user_code(demo_registry: Re
         for error in (
             _infer_error(server.target, "keyed", 1),
             _tensor_error(server.target, "keyed"),
+            _diff_error(server.target, "keyed"),
         ):
             assert (error.code(), error.details()) == (Code.UNAVAILABLE, UNBUILDABLE)
         with ModelClient(server.target) as client:

@@ -129,3 +129,28 @@ def test_the_server_names_its_settings_file_and_a_model_it_has(
     text = "".join(banner)
     assert f"(settings from {project / 'moduleserve.toml'})" in text
     assert "infer scale --random" in text and "mynet" not in text
+
+
+def test_flags_add_to_the_settings_files_prefixes(project: Path) -> None:
+    from moduleserve.registry.cli import _settings, build_parser
+
+    args = build_parser().parse_args(["--allow-prefix", "other", "--class-path", "lib", "list"])
+    settings = _settings(args)
+    assert settings.allowed_prefixes() == ["moduleserve.registry.demo", "ownnets", "other"]
+    assert settings.class_path == [project / "src", Path("lib")]
+
+
+def test_a_typo_a_string_class_path_and_a_foreign_file_are_handled(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = project / "moduleserve.toml"
+    config.write_text('allowed_class_prefix = ["ownnets"]\n')
+    assert registry_cli(["list"]) == 2
+    assert "unknown setting 'allowed_class_prefix'; did you mean 'allowed_class_prefixes'?" in (
+        capsys.readouterr().err
+    )
+    config.write_text('class_path = "src"\n')
+    assert ServerSettings().class_path == [project / "src"]
+    config.chmod(0o666)  # anyone may write it: it must not choose the code we import
+    assert registry_cli(["list"]) == 2
+    assert "refusing" in capsys.readouterr().err

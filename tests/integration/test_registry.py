@@ -442,3 +442,25 @@ def test_racing_first_alias_sets_give_one_winner_and_conflicts(reg: Registry) ->
         thread.join(timeout=60)
     assert outcomes.count("won") == 1 and len(outcomes) == 6, outcomes
     assert len(reg.checkpoints.alias_history("mynet", "staging")) == 1
+
+
+def test_versions_stored_before_the_dtype_kind_check_still_load(sqlite_registry: Registry) -> None:
+    """A state_dict cast with .float() (BatchNorm's int64 counter included) is refused by a
+    push now, but a version stored that way earlier keeps loading, cast to the class's dtypes."""
+    from moduleserve.registry.formats import encode_tensors
+
+    sqlite_registry.classes.register(
+        "Net", "moduleserve.registry.demo.models:Net", {}, [parse_input_spec("x:float32:-1,3,8,8")]
+    )
+    module = sqlite_registry.classes.build(sqlite_registry.classes.get("Net"))
+    floats = {k: v.float() for k, v in module.state_dict().items()}
+    with pytest.raises(StateDictMismatchError, match=r"dtype mismatch for block1\.bn\.num_batches"):
+        sqlite_registry.push("net", floats, class_name="Net")
+    data = encode_tensors(floats)  # what an older release stored
+    sqlite_registry.checkpoints.add_version(
+        "net", sqlite_registry.blobs.put(data), len(data), "Net"
+    )
+
+    loaded = sqlite_registry.load_module("net", "1")
+
+    assert loaded.block1.bn.num_batches_tracked.dtype == torch.int64

@@ -539,6 +539,7 @@ async def test_the_ledger_keeps_a_stopped_batchers_counts_and_adds_its_successor
     assert (totals.success, totals.rows, totals.batch_sizes) == (3, 3, {1: 3})
     assert sum(totals.request_buckets) == sum(totals.compute_buckets) == 3
     ledger.retire("m:1", second)
+    ledger.retire("m:1", second)  # an unload racing an eviction retires it twice
     assert ledger.totals()["m:1"].success == 3  # retired once each, never counted twice
 
 
