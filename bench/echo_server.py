@@ -1,6 +1,6 @@
 """The echo floor: a grpc.aio server that answers ModelInfer with fixed bytes and does no work.
 
-Started by ``bench/serve.py`` as a subprocess: ``python bench/echo_server.py --response-file F
+Started by ``bench.serve`` as a subprocess: ``python -m bench.echo_server --response-file F
 --port-file P``. The handler takes the raw request bytes (no deserializer) and returns a
 pre-serialized ModelInferResponse, so what it costs is Python gRPC's own per-call overhead.
 """
@@ -14,8 +14,6 @@ import sys
 from pathlib import Path
 
 import grpc
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 SERVICE = "inference.GRPCInferenceService"

@@ -1,9 +1,10 @@
 """What the engine costs per request without gRPC, and what its thread handoff costs.
 
-Run from the repository root: ``.venv/bin/python bench/engine.py``. It builds the same
-throwaway registry as ``bench/serve.py`` and, in this one process, drives the real
-``InferenceServicer.ModelInfer`` (request decoding, the model cache, the dynamic batcher,
-the compute thread, response encoding) with N closed-loop coroutines; no network, no gRPC.
+Run from the repository root: ``.venv/bin/python -m bench.engine``. It builds the same
+throwaway registry as ``bench.serve`` (``bench/models.py``) and, in this one process,
+drives the real ``InferenceServicer.ModelInfer`` (request decoding, the model cache, the
+dynamic batcher, the compute thread, response encoding) with N closed-loop coroutines; no
+network, no gRPC.
 
 Each model runs twice per maximum batch size:
 - ``thread``: the server's own engine, forward passes on the device's compute thread;
@@ -35,17 +36,14 @@ from typing import Any
 
 import torch
 
+from bench.models import MODELS, build_registry, infer_request
+from moduleserve.client.pb import oip_v2_pb2 as pb
+from moduleserve.registry.classes import build_module, import_class
+from moduleserve.server.app import App
+from moduleserve.server.config import ServerSettings
+from moduleserve.server.engine.devices import DeviceExecutors
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
-sys.path.insert(0, str(ROOT / "bench"))
-
-import serve as serve_bench  # noqa: E402  (bench/serve.py: the registry and the request)
-
-from moduleserve.client.pb import oip_v2_pb2 as pb  # noqa: E402
-from moduleserve.registry.classes import build_module, import_class  # noqa: E402
-from moduleserve.server.app import App  # noqa: E402
-from moduleserve.server.config import ServerSettings  # noqa: E402
-from moduleserve.server.engine.devices import DeviceExecutors  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "engine.json"
 
@@ -136,7 +134,7 @@ async def measure(
     app.cache.start()
     try:
         await app.cache.load(model)
-        request = serve_bench.infer_request(serve_bench.MODELS[model])
+        request = infer_request(MODELS[model])
         row = await drive(app, request, args.concurrency, args.duration)
     finally:
         await app.cache.close()
@@ -147,7 +145,7 @@ async def measure(
 
 def forward_after_gap(model: str, gaps_ms: list[float], repeats: int = 200) -> dict[str, float]:
     """Median single-sample forward time (us) after sleeping each gap, on one thread."""
-    spec = serve_bench.MODELS[model]
+    spec = MODELS[model]
     cls = import_class(spec.import_path, ["moduleserve.registry.demo"])
     module = build_module(cls, spec.kwargs).eval()
     x = torch.randn(spec.sample_shape)
@@ -185,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp_name:
         tmp = Path(tmp_name)
-        serve_bench.build_registry(tmp, [serve_bench.MODELS[m] for m in models])
+        build_registry(tmp, [MODELS[m] for m in models])
         print(f"{'model':6} {'max':>4} {'executor':8} {'req/s':>8} {'CPU us/req':>10} "
               f"{'switches/req':>12} {'batch':>6}")  # fmt: skip
         for model in models:

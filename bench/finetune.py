@@ -1,6 +1,6 @@
 """Benchmark fine-tuning: what the job machinery costs, and what a training job does to latency.
 
-Run from the repository root: ``.venv/bin/python bench/finetune.py``.
+Run from the repository root: ``.venv/bin/python -m bench.finetune``.
 
 Part 1 (overhead) trains the same model, data and batch size, on one torch thread each,
 (a) with a minimal PyTorch loop in this process and (b) as a real job: a throwaway SQLite
@@ -38,18 +38,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from moduleserve.client.client import ModelClient
+from moduleserve.registry.api import Registry, open_registry
+from moduleserve.registry.classes import parse_input_spec
+from moduleserve.registry.config import RegistrySettings
+from moduleserve.registry.demo.seed import seed_demo
+from moduleserve.registry.entities import JobEvent
+from moduleserve.registry.jobspec import JobSpec
+from moduleserve.server.jobs.data import steps_per_epoch
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
-
-from moduleserve.client.client import ModelClient  # noqa: E402
-from moduleserve.registry.api import Registry, open_registry  # noqa: E402
-from moduleserve.registry.classes import parse_input_spec  # noqa: E402
-from moduleserve.registry.config import RegistrySettings  # noqa: E402
-from moduleserve.registry.demo.seed import seed_demo  # noqa: E402
-from moduleserve.registry.entities import JobEvent  # noqa: E402
-from moduleserve.registry.jobspec import JobSpec  # noqa: E402
-from moduleserve.server.jobs.data import steps_per_epoch  # noqa: E402
-
 RESULTS = ROOT / "bench" / "results" / "finetune.json"
 MODEL, CLASS_NAME, DATASET = "mlpbench", "MLPBench", "synthetic"
 IMPORT_PATH = "moduleserve.registry.demo.models:MLP"

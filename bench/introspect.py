@@ -1,6 +1,6 @@
 """Benchmark tensor_summaries on a ~100M-parameter model: wall time and peak RSS increase.
 
-Run from the repository root: ``.venv/bin/python bench/introspect.py``. Prints a table and
+Run from the repository root: ``.venv/bin/python -m bench.introspect``. Prints a table and
 writes ``bench/results/introspect.json``. A naive variant that converts each whole tensor to
 float64 at once runs alongside, to show what the chunked statistics save in memory.
 """
@@ -23,8 +23,6 @@ from typing import Any
 import psutil
 import torch
 from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from moduleserve.registry.introspect import DEFAULT_CHUNK_ELEMENTS, tensor_summaries, totals
 

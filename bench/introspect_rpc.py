@@ -1,8 +1,8 @@
 """Benchmark the Introspection RPCs on a ~100M-parameter model: latency and the server's peak RSS.
 
-Run from the repository root: ``.venv/bin/python bench/introspect_rpc.py``. A registry on
+Run from the repository root: ``.venv/bin/python -m bench.introspect_rpc``. A registry on
 SQLite in a temporary folder gets ``tests.models:Wide`` (4 x Linear(5000, 5000), 100M
-float32 parameters, 400 MB) in two versions; a server runs as a child process (this file
+float32 parameters, 400 MB) in two versions; a server runs as a child process (this module
 with ``--serve``) and is sampled with psutil while each call runs, first with the model
 unloaded (built from the registry per call, never cached) and then loaded. Prints a table
 and writes ``bench/results/introspect_rpc.json``.
@@ -28,14 +28,12 @@ from typing import Any
 import psutil
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from introspect import PeakRss  # bench/introspect.py: this folder is on sys.path
-
+from bench.introspect import PeakRss
 from moduleserve.client.client import ModelClient
 from moduleserve.client.introspection import IntrospectionClient
 
-RESULTS = Path(__file__).resolve().parent / "results" / "introspect_rpc.json"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "introspect_rpc.json"
 MIB = 1 << 20
 PREFIXES = ["tests.models"]
 
@@ -116,8 +114,19 @@ def serve(db: str, store: Path, port_file: Path) -> int:
 def start_server(db: str, store: Path, folder: Path) -> tuple[subprocess.Popen[bytes], int]:
     """Start the child server and wait for its port."""
     port_file = folder / "port"
-    cmd = [sys.executable, __file__, "--serve", "--db", db, "--store", str(store)]
-    child = subprocess.Popen([*cmd, "--port-file", str(port_file)], stderr=subprocess.DEVNULL)
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.introspect_rpc",
+        "--serve",
+        "--db",
+        db,
+        "--store",
+        str(store),
+    ]
+    child = subprocess.Popen(
+        [*cmd, "--port-file", str(port_file)], stderr=subprocess.DEVNULL, cwd=ROOT
+    )
     deadline = time.monotonic() + 120
     while not port_file.exists():
         if child.poll() is not None or time.monotonic() > deadline:

@@ -10,7 +10,11 @@ class RegistryError(Exception):
 
 
 class InvalidInputError(RegistryError):
-    """A caller passed something malformed (a name, a file, an argument)."""
+    """A caller passed something malformed (a name, a file, an argument, a request tensor).
+
+    The one base of every input error: the server's (server/errors.py) subclass it too, so
+    INVALID_ARGUMENT is one entry of the status table.
+    """
 
 
 class InvalidNameError(InvalidInputError):

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 
 from moduleserve.client.pb import oip_v2_pb2 as pb
+from moduleserve.registry.errors import InvalidInputError
 from moduleserve.server.errors import (
     ByteCountError,
     DtypeError,
-    InvalidInputError,
+    InvalidTensorError,
     ShapeMismatchError,
 )
 
@@ -112,9 +113,9 @@ def _row_for_input(tensor: str, datatype: str) -> tuple[Datatype, torch.dtype]:
     row = DATATYPES.get(datatype)
     if row is None:
         known = ", ".join(DATATYPES)
-        raise InvalidInputError(tensor, f"unknown datatype {datatype!r}; expected one of {known}")
+        raise InvalidTensorError(tensor, f"unknown datatype {datatype!r}; expected one of {known}")
     if row.torch is None:
-        raise InvalidInputError(tensor, f"datatype {datatype} is not supported by this model")
+        raise InvalidTensorError(tensor, f"datatype {datatype} is not supported by this model")
     return row, row.torch
 
 
@@ -127,18 +128,18 @@ def _check_shape(name: str, shape: tuple[int, ...]) -> None:
     """Refuse shapes no tensor can have, in exact integer arithmetic before anything is
     allocated: torch computes strides from the non-zero sizes even when one size is 0."""
     if len(shape) > MAX_RANK:
-        raise InvalidInputError(name, f"has {len(shape)} dimensions, more than {MAX_RANK}")
+        raise InvalidTensorError(name, f"has {len(shape)} dimensions, more than {MAX_RANK}")
     if any(d < 0 for d in shape):
-        raise InvalidInputError(name, f"shape {_render(shape)} has a negative dimension")
+        raise InvalidTensorError(name, f"shape {_render(shape)} has a negative dimension")
     if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
-        raise InvalidInputError(name, f"shape {_render(shape)} is too large for any tensor")
+        raise InvalidTensorError(name, f"shape {_render(shape)} is too large for any tensor")
 
 
 def tensor_from_pb(tensor: InferInputTensor, raw: bytes | None) -> torch.Tensor:
     """Decode one request tensor from its raw bytes (when given) or its typed contents.
 
     Raw bytes become a zero-copy view (treat it as read-only); typed contents are
-    copied once. Every malformation raises an `InvalidInputError` naming the tensor.
+    copied once. Every malformation raises an `InvalidTensorError` naming the tensor.
     """
     name = tensor.name
     row, dtype = _row_for_input(name, tensor.datatype)
@@ -148,7 +149,7 @@ def tensor_from_pb(tensor: InferInputTensor, raw: bytes | None) -> torch.Tensor:
     if raw is None:
         return _from_contents(name, row, shape, count, tensor.contents)
     if tensor.HasField("contents") and tensor.contents.ByteSize():
-        raise InvalidInputError(name, "has both typed contents and raw_input_contents; send one")
+        raise InvalidTensorError(name, "has both typed contents and raw_input_contents; send one")
     return _from_raw(name, row.name, dtype, shape, count, raw)
 
 
@@ -165,7 +166,7 @@ def _from_raw(
     result = torch.frombuffer(buffer, dtype=dtype).view(shape)
     # A bool byte other than 0 or 1 is undefined behaviour in torch kernels.
     if dtype is torch.bool and int(result.view(torch.uint8).max()) > 1:
-        raise InvalidInputError(name, "BOOL raw bytes must each be 0 or 1")
+        raise InvalidTensorError(name, "BOOL raw bytes must each be 0 or 1")
     return result
 
 
@@ -175,17 +176,17 @@ def _from_contents(
     """Copy typed contents into a tensor of `shape`, checking field, count and range."""
     # FP16 and BF16 travel raw only (BF16 has no numpy dtype either).
     if row.field is None or row.numpy is None or row.wire is None:
-        raise InvalidInputError(
+        raise InvalidTensorError(
             name, f"datatype {row.name} has no typed contents field; send it in raw_input_contents"
         )
     values = getattr(contents, row.field)
     if len(values) != count:
         used = [f for f in _CONTENT_FIELDS if f != row.field and len(getattr(contents, f))]
         if used:
-            raise InvalidInputError(
+            raise InvalidTensorError(
                 name, f"datatype {row.name} takes its values in {row.field}, got {used[0]}"
             )
-        raise InvalidInputError(
+        raise InvalidTensorError(
             name,
             f"expected {count} {row.name} values for shape {_render(shape)}, got {len(values)}",
         )
@@ -193,7 +194,7 @@ def _from_contents(
     if row.numpy.itemsize < row.wire.itemsize and wide.size:
         info = np.iinfo(row.numpy)
         if wide.min() < info.min or wide.max() > info.max:
-            raise InvalidInputError(
+            raise InvalidTensorError(
                 name, f"a value is out of range for {row.name} ({info.min} to {info.max})"
             )
     return torch.from_numpy(wide.astype(row.numpy, copy=False)).reshape(shape)
@@ -204,14 +205,13 @@ def inputs_from_pb(request: pb.ModelInferRequest) -> dict[str, torch.Tensor]:
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidInputError(
-            None,
             f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
             "send one per input, or none",
         )
     tensors: dict[str, torch.Tensor] = {}
     for index, tensor in enumerate(request.inputs):
         if tensor.name in tensors:
-            raise InvalidInputError(tensor.name, "appears more than once in the request")
+            raise InvalidTensorError(tensor.name, "appears more than once in the request")
         tensors[tensor.name] = tensor_from_pb(tensor, raw[index] if raw else None)
     return tensors
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from moduleserve.registry.errors import shorten
+from moduleserve.registry.errors import InvalidInputError, shorten
 
 # What a sentence quotes of a client-chosen name (model, tensor): enough to recognise it.
 QUOTED_CHARS = 64
@@ -25,16 +25,20 @@ class ServerError(Exception):
     """Base class of every error the server raises on purpose."""
 
 
-class InvalidInputError(ServerError):
-    """A request tensor is malformed; the sentence names the tensor when there is one."""
+class InvalidTensorError(ServerError, InvalidInputError):
+    """A request tensor is malformed; the sentence names the tensor.
 
-    def __init__(self, tensor: str | None, reason: str) -> None:
-        quoted = shorten(tensor, QUOTED_CHARS) if tensor is not None else None
-        super().__init__(f"input {quoted!r}: {reason}" if quoted is not None else reason)
+    One of the `InvalidInputError` family (registry/errors.py), which maps to
+    INVALID_ARGUMENT as a whole; a malformed request that names no tensor raises
+    `InvalidInputError` itself.
+    """
+
+    def __init__(self, tensor: str, reason: str) -> None:
+        super().__init__(f"input {shorten(tensor, QUOTED_CHARS)!r}: {reason}")
         self.tensor, self.reason = tensor, reason
 
 
-class ShapeMismatchError(InvalidInputError):
+class ShapeMismatchError(InvalidTensorError):
     """A tensor's shape does not fit the model's input spec (-1 matches any size)."""
 
     def __init__(self, tensor: str, expected: Sequence[int], received: Sequence[int]) -> None:
@@ -42,7 +46,7 @@ class ShapeMismatchError(InvalidInputError):
         self.expected, self.received = tuple(expected), tuple(received)
 
 
-class DtypeError(InvalidInputError):
+class DtypeError(InvalidTensorError):
     """A tensor's datatype is not the one the model's input spec names."""
 
     def __init__(self, tensor: str, expected: str, received: str) -> None:
@@ -50,7 +54,7 @@ class DtypeError(InvalidInputError):
         self.expected, self.received = expected, received
 
 
-class ByteCountError(InvalidInputError):
+class ByteCountError(InvalidTensorError):
     """Raw tensor bytes do not match shape x element size."""
 
     def __init__(

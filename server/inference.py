@@ -7,10 +7,11 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from moduleserve.registry.entities import ModuleClass
+from moduleserve.registry.errors import InvalidInputError
 from moduleserve.registry.formats import parse_dtype
 from moduleserve.server.convert import check_input
 from moduleserve.server.engine.cache import LoadedModel, ModelCache
-from moduleserve.server.errors import InvalidInputError
+from moduleserve.server.errors import InvalidTensorError
 
 
 def check_inputs(
@@ -20,12 +21,12 @@ def check_inputs(
     expected = [spec.name for spec in module_class.inputs]
     for name in inputs:
         if name not in expected:
-            raise InvalidInputError(
+            raise InvalidTensorError(
                 name, f"is not an input of model {model!r} (inputs: {', '.join(expected)})"
             )
     missing = [name for name in expected if name not in inputs]
     if missing:
-        raise InvalidInputError(
+        raise InvalidTensorError(
             missing[0], f"is missing; model {model!r} needs {', '.join(expected)}"
         )
     rows = None
@@ -35,15 +36,15 @@ def check_inputs(
         if rows is None:
             rows = tensor.shape[0] if tensor.dim() else 1
         elif tensor.shape[0] != rows:
-            raise InvalidInputError(
+            raise InvalidTensorError(
                 spec.name,
                 f"has {tensor.shape[0]} rows, but input {module_class.inputs[0].name!r} has {rows}",
             )
     assert rows is not None
     if rows == 0:
-        raise InvalidInputError(module_class.inputs[0].name, "is an empty batch (0 rows)")
+        raise InvalidTensorError(module_class.inputs[0].name, "is an empty batch (0 rows)")
     if rows > max_batch_size:
-        raise InvalidInputError(
+        raise InvalidTensorError(
             module_class.inputs[0].name,
             f"has {rows} rows, more than model {model!r}'s max_batch_size {max_batch_size}",
         )
@@ -56,7 +57,6 @@ def check_requested(model: str, module_class: ModuleClass, requested: Sequence[s
     for name in requested:
         if name not in known:
             raise InvalidInputError(
-                None,
                 f"requested output {name!r} is not an output of model {model!r} "
                 f"(outputs: {', '.join(known)})",
             )

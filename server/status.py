@@ -31,7 +31,6 @@ STATUS_FOR: dict[type[BaseException], grpc.StatusCode] = {
     registry_errors.ClassNotAllowedError: grpc.StatusCode.PERMISSION_DENIED,
     registry_errors.IntegrityError: grpc.StatusCode.DATA_LOSS,
     registry_errors.RegistryUnavailableError: grpc.StatusCode.UNAVAILABLE,
-    server_errors.InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
     server_errors.QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     server_errors.DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
     server_errors.ModelLoadingError: grpc.StatusCode.UNAVAILABLE,
@@ -183,7 +182,7 @@ def guard_decoding(handler: Any, method: str) -> Any:
             try:
                 return decode(data)
             except DecodeError:
-                raise server_errors.InvalidInputError(None, sentence) from None
+                raise registry_errors.InvalidInputError(sentence) from None
 
         return handler._replace(request_deserializer=decode_or_refuse)
 

@@ -27,9 +27,10 @@ from typing import Final, Generic, TypeVar
 
 import torch
 
+from moduleserve.registry.errors import InvalidInputError
 from moduleserve.server.errors import (
     DeadlineExceededError,
-    InvalidInputError,
+    InvalidTensorError,
     ModelNotReadyError,
     QueueFullError,
 )
@@ -108,16 +109,16 @@ def _signature(inputs: Mapping[str, torch.Tensor]) -> tuple[int, Hashable]:
         tensor = inputs[name]
         shape = tensor.shape
         if not shape:
-            raise InvalidInputError(name, "is a scalar; a batched model needs dimension 0")
+            raise InvalidTensorError(name, "is a scalar; a batched model needs dimension 0")
         if rows < 0:
             rows = shape[0]
         elif shape[0] != rows:
-            raise InvalidInputError(
+            raise InvalidTensorError(
                 name, f"has {shape[0]} rows where other inputs have {rows}; dimension 0 must agree"
             )
         parts.append((name, tensor.dtype, shape[1:]))
     if rows < 0:
-        raise InvalidInputError(None, "the request has no input tensors")
+        raise InvalidInputError("the request has no input tensors")
     return rows, tuple(parts)
 
 
@@ -332,12 +333,12 @@ class DynamicBatcher:
             raise ModelNotReadyError(self.name, reason="is not accepting requests (not running)")
         rows, signature = _signature(inputs)
         if rows > self.max_batch_size:
-            raise InvalidInputError(
+            raise InvalidTensorError(
                 next(iter(inputs)),
                 f"has {rows} rows, more than max_batch_size {self.max_batch_size}",
             )
         if priority < 0:
-            raise InvalidInputError(None, f"priority must be >= 0, got {priority}")
+            raise InvalidInputError(f"priority must be >= 0, got {priority}")
         now = time.monotonic()
         if deadline is not None and deadline <= now:
             self._counters.rejected += 1

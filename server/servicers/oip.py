@@ -17,6 +17,7 @@ from moduleserve.client.oip import OIP_SERVICE, oip_methods
 from moduleserve.client.pb import oip_v2_pb2 as pb
 from moduleserve.registry.api import Registry
 from moduleserve.registry.entities import ModuleClass, Version
+from moduleserve.registry.errors import InvalidInputError
 from moduleserve.registry.names import parse_ref
 from moduleserve.server.convert import has_typed_contents, inputs_from_pb, outputs_to_pb
 from moduleserve.server.convert_meta import (
@@ -25,7 +26,6 @@ from moduleserve.server.convert_meta import (
     statistics_to_pb,
 )
 from moduleserve.server.engine.cache import ModelCache
-from moduleserve.server.errors import InvalidInputError
 from moduleserve.server.inference import infer
 from moduleserve.server.security import Authorizer
 from moduleserve.server.status import map_errors
@@ -220,7 +220,7 @@ def oip_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
 
 def _require_name(name: str) -> None:
     if not name:
-        raise InvalidInputError(None, "the request names no model")
+        raise InvalidInputError("the request names no model")
 
 
 def _int_param(request: pb.ModelInferRequest, key: str) -> int:
@@ -229,7 +229,7 @@ def _int_param(request: pb.ModelInferRequest, key: str) -> int:
     param = request.parameters[key]
     choice = param.WhichOneof("parameter_choice")
     if choice not in ("int64_param", "uint64_param"):
-        raise InvalidInputError(None, f"parameter {key!r} must be an integer, got {choice}")
+        raise InvalidInputError(f"parameter {key!r} must be an integer, got {choice}")
     return int(getattr(param, choice))
 
 

@@ -150,6 +150,21 @@ def test_every_domain_error_has_a_status_not_internal() -> None:
     assert len(domain_errors()) > 20  # the walk really found the classes
 
 
+def test_one_input_error_family_for_registry_and_server() -> None:
+    # One INVALID_ARGUMENT entry covers the registry's and the server's input errors.
+    family = registry_errors.InvalidInputError
+    for cls in (server_errors.InvalidTensorError, server_errors.ShapeMismatchError,
+                server_errors.DtypeError, server_errors.ByteCountError):  # fmt: skip
+        assert issubclass(cls, family) and issubclass(cls, server_errors.ServerError)
+    server_entries = [cls for cls in STATUS_FOR if cls.__module__ == server_errors.__name__]
+    assert not any(issubclass(cls, family) for cls in server_entries)
+    error = server_errors.InvalidTensorError("x", "is odd")
+    assert (str(error), status_for(error)) == (
+        "input 'x': is odd",
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+
+
 def test_every_status_the_server_sends_has_its_client_error() -> None:
     sent = {*STATUS_FOR.values(), grpc.StatusCode.INTERNAL}
     assert sorted(code.name for code in sent - set(ERROR_FOR)) == []

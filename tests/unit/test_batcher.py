@@ -29,7 +29,7 @@ from moduleserve.server.engine.batcher import (
 )
 from moduleserve.server.errors import (
     DeadlineExceededError,
-    InvalidInputError,
+    InvalidTensorError,
     ModelNotReadyError,
     QueueFullError,
 )
@@ -413,7 +413,7 @@ async def test_priority_lower_number_runs_first() -> None:
 @pytest.mark.asyncio
 async def test_request_larger_than_max_batch_size_is_refused() -> None:
     async with running(GatedModel(), max_batch_size=2) as batcher:
-        with pytest.raises(InvalidInputError) as err:
+        with pytest.raises(InvalidTensorError) as err:
             await batcher.infer({"x": torch.ones(3, 1)})
     assert str(err.value) == "input 'x': has 3 rows, more than max_batch_size 2"
 
@@ -421,9 +421,9 @@ async def test_request_larger_than_max_batch_size_is_refused() -> None:
 @pytest.mark.asyncio
 async def test_inputs_must_agree_on_dimension_zero() -> None:
     async with running(GatedModel()) as batcher:
-        with pytest.raises(InvalidInputError, match="dimension 0 must agree"):
+        with pytest.raises(InvalidTensorError, match="dimension 0 must agree"):
             await batcher.infer({"a": torch.ones(2, 1), "b": torch.ones(3, 1)})
-        with pytest.raises(InvalidInputError, match="is a scalar"):
+        with pytest.raises(InvalidTensorError, match="is a scalar"):
             await batcher.infer({"a": torch.tensor(1.0)})
 
 

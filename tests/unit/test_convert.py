@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from moduleserve.client.pb import oip_v2_pb2 as pb
+from moduleserve.registry.errors import InvalidInputError
 from moduleserve.server.convert import (
     DATATYPES,
     check_input,
@@ -21,7 +22,7 @@ from moduleserve.server.convert import (
 from moduleserve.server.errors import (
     ByteCountError,
     DtypeError,
-    InvalidInputError,
+    InvalidTensorError,
     ShapeMismatchError,
 )
 
@@ -101,7 +102,7 @@ def test_bf16_raw_bytes_are_exact() -> None:
 @pytest.mark.parametrize("datatype", ["FP16", "BF16"])
 def test_half_types_have_no_typed_contents(datatype: str) -> None:
     tensor = raw_input("x", datatype, [2])
-    with pytest.raises(InvalidInputError) as err:
+    with pytest.raises(InvalidTensorError) as err:
         tensor_from_pb(tensor, None)
     assert str(err.value) == (
         f"input 'x': datatype {datatype} has no typed contents field; send it in raw_input_contents"
@@ -147,18 +148,18 @@ def test_byte_count_error_for_too_many_bytes() -> None:
 def test_bytes_datatype_is_refused() -> None:
     tensor = raw_input("x", "BYTES", [1])
     tensor.contents.bytes_contents.append(b"hello")
-    with pytest.raises(InvalidInputError) as err:
+    with pytest.raises(InvalidTensorError) as err:
         tensor_from_pb(tensor, None)
     assert str(err.value) == "input 'x': datatype BYTES is not supported by this model"
 
 
 def test_unknown_datatype_is_refused() -> None:
-    with pytest.raises(InvalidInputError, match=r"^input 'x': unknown datatype 'FLOAT32'; "):
+    with pytest.raises(InvalidTensorError, match=r"^input 'x': unknown datatype 'FLOAT32'; "):
         tensor_from_pb(raw_input("x", "FLOAT32", [1]), bytes(4))
 
 
 def test_negative_dimension_is_refused() -> None:
-    with pytest.raises(InvalidInputError) as err:
+    with pytest.raises(InvalidTensorError) as err:
         tensor_from_pb(raw_input("x", "FP32", [-1, 3]), bytes(12))
     assert str(err.value) == "input 'x': shape [-1, 3] has a negative dimension"
 
@@ -166,7 +167,7 @@ def test_negative_dimension_is_refused() -> None:
 def test_typed_element_count_must_match_shape() -> None:
     tensor = raw_input("x", "FP32", [2, 3])
     tensor.contents.fp32_contents.extend([1.0] * 5)
-    with pytest.raises(InvalidInputError) as err:
+    with pytest.raises(InvalidTensorError) as err:
         tensor_from_pb(tensor, None)
     assert str(err.value) == "input 'x': expected 6 FP32 values for shape [2, 3], got 5"
 
@@ -174,7 +175,7 @@ def test_typed_element_count_must_match_shape() -> None:
 def test_typed_contents_in_the_wrong_field() -> None:
     tensor = raw_input("x", "FP32", [2])
     tensor.contents.int_contents.extend([1, 2])
-    with pytest.raises(InvalidInputError) as err:
+    with pytest.raises(InvalidTensorError) as err:
         tensor_from_pb(tensor, None)
     assert (
         str(err.value)
@@ -185,7 +186,7 @@ def test_typed_contents_in_the_wrong_field() -> None:
 def test_raw_and_typed_together_are_refused() -> None:
     tensor = raw_input("x", "FP32", [1])
     tensor.contents.fp32_contents.append(1.0)
-    with pytest.raises(InvalidInputError) as err:
+    with pytest.raises(InvalidTensorError) as err:
         tensor_from_pb(tensor, bytes(4))
     assert str(err.value) == "input 'x': has both typed contents and raw_input_contents; send one"
 
@@ -193,13 +194,13 @@ def test_raw_and_typed_together_are_refused() -> None:
 def test_typed_value_out_of_range() -> None:
     tensor = raw_input("x", "INT8", [2])
     tensor.contents.int_contents.extend([1, 300])
-    with pytest.raises(InvalidInputError) as err:
+    with pytest.raises(InvalidTensorError) as err:
         tensor_from_pb(tensor, None)
     assert str(err.value) == "input 'x': a value is out of range for INT8 (-128 to 127)"
 
 
 def test_bool_raw_bytes_must_be_zero_or_one() -> None:
-    with pytest.raises(InvalidInputError, match="BOOL raw bytes must each be 0 or 1"):
+    with pytest.raises(InvalidTensorError, match="BOOL raw bytes must each be 0 or 1"):
         tensor_from_pb(raw_input("x", "BOOL", [3]), b"\x00\x01\x02")
 
 
@@ -231,7 +232,7 @@ def test_inputs_from_pb_refuses_duplicate_names() -> None:
     request = pb.ModelInferRequest(model_name="m")
     for _ in range(2):
         request.inputs.add(name="a", datatype="INT32", shape=[1]).contents.int_contents.append(1)
-    with pytest.raises(InvalidInputError, match=r"^input 'a': appears more than once"):
+    with pytest.raises(InvalidTensorError, match=r"^input 'a': appears more than once"):
         inputs_from_pb(request)
 
 
@@ -278,7 +279,8 @@ def test_check_input_dtype_mismatch_sentence() -> None:
     with pytest.raises(DtypeError) as err:
         check_input("x", torch.zeros(2, 4, dtype=torch.float64), "FP32", [-1, 4])
     assert str(err.value) == "input 'x': expected datatype FP32, got FP64"
-    assert isinstance(err.value, InvalidInputError)
+    assert isinstance(err.value, InvalidTensorError)
+    assert isinstance(err.value, InvalidInputError)  # the one family: INVALID_ARGUMENT
 
 
 def test_dtype_names() -> None:
