@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moduleserve.client.client import ModelClient, ModelInfo
+from moduleserve.client.client import ModelClient, ModelInfo, split_ref
 from moduleserve.client.errors import ModuleServeError
 from moduleserve.client.inspect_cli import add_inspect_command
 from moduleserve.client.jobs_cli import add_jobs_commands
@@ -59,7 +59,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_metadata(args: argparse.Namespace) -> int:
     """Inputs and outputs of a model."""
-    model, version = _split(args.model)
+    model, version = split_ref(args.model)
     with connect(args) as client:
         info = client.metadata(model, version)
     if args.json:
@@ -84,7 +84,7 @@ def cmd_metadata(args: argparse.Namespace) -> int:
 
 def cmd_load(args: argparse.Namespace) -> int:
     """Load a model now."""
-    model, version = _split(args.model)
+    model, version = split_ref(args.model)
     with connect(args) as client:
         client.load(model, version)
     data = {"model": model, "version": version, "loaded": True}
@@ -103,7 +103,7 @@ def cmd_unload(args: argparse.Namespace) -> int:
 
 def cmd_infer(args: argparse.Namespace) -> int:
     """Run a model on a .npy/.npz file or on random input of its declared shape."""
-    model, version = _split(args.model)
+    model, version = split_ref(args.model)
     with connect(args) as client:
         info = client.metadata(model, version)
         inputs = _load_inputs(info, args)
@@ -142,11 +142,6 @@ def _load_inputs(info: ModelInfo, args: argparse.Namespace) -> dict[str, np.ndar
     if len(info.inputs) != 1:
         raise ValueError(f"{info.name} takes several inputs: pass an .npz with one array each")
     return {info.inputs[0].name: array}
-
-
-def _split(ref: str) -> tuple[str, str]:
-    model, _, version = ref.partition(":")
-    return model, version
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -298,6 +298,13 @@ class ModelClient:
         return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}, version
 
 
+def split_ref(text: str) -> tuple[str, str]:
+    """ "mlp:2" → ("mlp", "2"); "mlp" → ("mlp", "") (the default version). The one place a
+    `MODEL[:VERSION|:ALIAS]` reference is split; nothing is checked here."""
+    model, _, version = text.partition(":")
+    return model, version
+
+
 @contextmanager
 def translate_errors(target: str | None = None) -> Iterator[None]:
     """Re-raise grpc.RpcError as the matching ModuleServeError subclass (naming `target`

@@ -10,28 +10,38 @@
         weight = inspect.tensor("net", "head.weight", slices="0:2, :")   # numpy array
         diff = inspect.diff("mlp", "1", "2")                              # version 2 vs 1
 
-Results are frozen dataclasses with `to_dict()` for JSON. torch is imported only when a
-tensor is asked for `as_torch=True`.
+Results are the frozen dataclasses of `introspection_results`, with `to_dict()` for JSON.
+torch is imported only when a tensor is asked for `as_torch=True`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
 from types import EllipsisType
-from typing import Any, Literal
+from typing import Any
 
 import grpc
 import numpy as np
 
 from moduleserve.client.client import translate_errors
+from moduleserve.client.introspection_results import (
+    DiffMetrics,
+    KindFilter,
+    ModelVersion,
+    ModuleNode,
+    ModuleTree,
+    TensorDiff,
+    TensorKind,
+    TensorListing,
+    TensorStats,
+    TensorSummary,
+    Totals,
+    VersionDiff,
+)
 from moduleserve.client.pb import moduleserve_v1_pb2 as pb
 from moduleserve.client.pb import moduleserve_v1_pb2_grpc as pb_grpc
-from moduleserve.client.tables import ToDict
 
-TensorKind = Literal["parameter", "buffer", ""]
-KindFilter = Literal["all", "parameters", "buffers"]
 Index = int | slice | EllipsisType
 Metadata = Sequence[tuple[str, str]]
 
@@ -67,137 +77,8 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
 }
 
 
-@dataclass(frozen=True)
-class ModelVersion(ToDict):
-    """The version a model reference resolved to; `loaded`: figures are from the served module."""
-
-    model: str
-    version: int
-    class_name: str
-    loaded: bool
-
-    def __str__(self) -> str:
-        return f"{self.model}:{self.version}"
-
-
-@dataclass(frozen=True)
-class ModuleNode(ToDict):
-    """One submodule with the parameter counts of its subtree."""
-
-    name: str  # qualified name, "" for the root
-    depth: int
-    class_name: str
-    extra_repr: str
-    parameters: int
-    trainable: int
-    frozen: int
-    own_parameters: int
-
-
-@dataclass(frozen=True)
-class Totals(ToDict):
-    """Whole-module counts; a tensor registered under several names counts once."""
-
-    parameters: int
-    trainable: int
-    frozen: int
-    parameter_bytes: int
-    parameter_tensors: int
-    buffer_elements: int
-    buffer_bytes: int
-    buffer_tensors: int
-
-
-@dataclass(frozen=True)
-class ModuleTree(ToDict):
-    """The module tree of a version; `text` renders it like `print(model)`, with counts."""
-
-    model: ModelVersion
-    nodes: tuple[ModuleNode, ...]
-    totals: Totals
-    text: str
-
-
-@dataclass(frozen=True)
-class TensorStats(ToDict):
-    """Float64 statistics; mean, std, min, max and norm cover the finite values only."""
-
-    mean: float | None
-    std: float | None
-    min: float | None
-    max: float | None
-    norm: float | None
-    zero_fraction: float
-    finite: int
-    nan_count: int
-    inf_count: int
-
-
-@dataclass(frozen=True)
-class TensorSummary(ToDict):
-    """A parameter or buffer; `stats` is None for empty, complex or unreadable tensors."""
-
-    name: str
-    kind: TensorKind
-    shape: tuple[int, ...]
-    dtype: str
-    device: str
-    numel: int
-    requires_grad: bool
-    tied_to: tuple[str, ...]
-    stats: TensorStats | None
-
-
-@dataclass(frozen=True)
-class TensorListing(ToDict):
-    """The tensors ListTensors selected, with the whole module's totals."""
-
-    model: ModelVersion
-    tensors: tuple[TensorSummary, ...]
-    totals: Totals
-
-
-@dataclass(frozen=True)
-class DiffMetrics(ToDict):
-    """How one tensor changed; norms and max cover positions finite on both sides."""
-
-    changed_elements: int
-    nonfinite_changed: int
-    norm_base: float
-    diff_norm: float
-    relative_change: float | None  # None when the base's norm is 0 but the tensors differ
-    max_abs_diff: float
-
-
-@dataclass(frozen=True)
-class TensorDiff(ToDict):
-    """One key in both versions; `metrics` is None on a shape or dtype mismatch."""
-
-    name: str
-    kind: TensorKind
-    shape_base: tuple[int, ...]
-    shape_other: tuple[int, ...]
-    dtype_base: str
-    dtype_other: str
-    shape_mismatch: bool
-    dtype_mismatch: bool
-    changed: bool
-    metrics: DiffMetrics | None
-
-
-@dataclass(frozen=True)
-class VersionDiff(ToDict):
-    """Per-key differences of `other` against `base`, with summary counts."""
-
-    base: ModelVersion
-    other: ModelVersion
-    entries: tuple[TensorDiff, ...]
-    only_base: tuple[str, ...]
-    only_other: tuple[str, ...]
-    compared: int
-    changed: int
-    unchanged: int
-    mismatched: int
+class UnsupportedDtypeError(ValueError):
+    """Tensor values whose dtype this client cannot decode (to numpy, or with torch)."""
 
 
 class IntrospectionClient:
@@ -314,7 +195,7 @@ def decode_tensor(
 
         torch_dtype = getattr(torch, dtype, None)
         if not isinstance(torch_dtype, torch.dtype):
-            raise ValueError(f"dtype {dtype!r} is not a torch dtype this client knows")
+            raise UnsupportedDtypeError(f"dtype {dtype!r} is not a torch dtype this client knows")
         if not data:
             return torch.empty(shape, dtype=torch_dtype)
         return torch.frombuffer(bytearray(data), dtype=torch_dtype).reshape(shape)
@@ -323,7 +204,9 @@ def decode_tensor(
         return bits.view(np.float32).reshape(shape)
     np_dtype = NUMPY_DTYPES.get(dtype)
     if np_dtype is None:
-        raise ValueError(f"dtype {dtype!r} has no numpy equivalent; ask for it with as_torch=True")
+        raise UnsupportedDtypeError(
+            f"dtype {dtype!r} has no numpy equivalent; ask for it with as_torch=True"
+        )
     return np.frombuffer(data, dtype=np_dtype).reshape(shape).copy()
 
 

@@ -21,7 +21,7 @@ from typing import Any, TextIO
 import grpc
 import numpy as np
 
-from moduleserve.client.client import ModelClient
+from moduleserve.client.client import ModelClient, split_ref
 from moduleserve.client.errors import ModuleServeError
 from moduleserve.client.jobs import (
     FINISHED_STATES,
@@ -252,7 +252,7 @@ def follow_and_report(jobs: JobsClient, job_id: str, args: argparse.Namespace) -
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Queue a job with the hyperparameters given, then follow it unless --detach."""
-    model, _, version = args.model.partition(":")
+    model, version = split_ref(args.model)
     given = {dest: getattr(args, dest) for _, dest, *_ in HYPERPARAMETER_OPTIONS}
     given["freeze"] = args.freeze
     hyperparameters = {name: value for name, value in given.items() if value is not None}

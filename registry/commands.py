@@ -15,7 +15,7 @@ from moduleserve.registry.checkpoints import UNSET, _Unset
 from moduleserve.registry.classes import parse_input_spec
 from moduleserve.registry.entities import ModuleClass
 from moduleserve.registry.errors import InvalidInputError
-from moduleserve.registry.names import parse_version, split_ref
+from moduleserve.registry.names import parse_model_ref, parse_version
 
 
 def actor() -> str:
@@ -155,7 +155,7 @@ def cmd_list(registry: Registry, args: argparse.Namespace) -> int:
 
 def cmd_show(registry: Registry, args: argparse.Namespace) -> int:
     """Show one version."""
-    model, ref = split_ref(args.ref)
+    model, ref = parse_model_ref(args.ref)
     v = registry.checkpoints.resolve(model, ref)
     text = "\n".join(
         [
@@ -220,7 +220,7 @@ def cmd_alias_history(registry: Registry, args: argparse.Namespace) -> int:
 
 def cmd_tag(registry: Registry, args: argparse.Namespace) -> int:
     """Set or remove tags on a version."""
-    model, ref = split_ref(args.ref)
+    model, ref = parse_model_ref(args.ref)
     version = registry.checkpoints.tag(model, ref, _pairs(args.pairs), args.remove)
     emit(args, version.to_dict(), f"{model}:{version.version} tags {json.dumps(version.tags)}")
     return 0
@@ -228,7 +228,7 @@ def cmd_tag(registry: Registry, args: argparse.Namespace) -> int:
 
 def cmd_delete(registry: Registry, args: argparse.Namespace) -> int:
     """Delete a version."""
-    model, ref = split_ref(args.ref)
+    model, ref = parse_model_ref(args.ref)
     if not ref.isdigit():
         raise InvalidInputError("delete needs an explicit version number: MODEL:VERSION")
     version = registry.checkpoints.delete(model, int(ref), force=args.force, actor=actor())
@@ -243,7 +243,7 @@ def cmd_delete(registry: Registry, args: argparse.Namespace) -> int:
 
 def cmd_export(registry: Registry, args: argparse.Namespace) -> int:
     """Export a version to .pth or .safetensors."""
-    model, ref = split_ref(args.ref)
+    model, ref = parse_model_ref(args.ref)
     version = registry.export(model, ref, Path(args.file))
     emit(
         args,

@@ -1,46 +1,41 @@
 """`moduleserve-registry inspect`: the views of `moduleserve inspect`, offline, from the registry.
 
-Versions are built on the CPU straight from the registry (no server); the results of
-``registry.inspection`` are turned into the client's dataclasses by `to_client` and
-printed by the client's own renderers, so both commands print the same tables and JSON.
+Versions are built on the CPU straight from the registry (no server). ``registry.inspection``
+returns the client's own result dataclasses, printed by the client's renderers, so both
+commands print the same tables and JSON.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
-from moduleserve.client import introspection as client_side
-from moduleserve.client.inspect_cli import (
-    add_views,
+from moduleserve.client.inspect_cli import add_views
+from moduleserve.client.inspect_render import (
+    format_tree,
     render_diff,
     render_listing,
     render_tree,
     render_values,
 )
+from moduleserve.client.introspection import UnsupportedDtypeError, decode_tensor
+from moduleserve.client.introspection_results import (
+    ModelVersion,
+    ModuleTree,
+    TensorListing,
+    VersionDiff,
+)
 from moduleserve.registry.api import Registry
 from moduleserve.registry.entities import Version
 from moduleserve.registry.errors import InvalidInputError
-from moduleserve.registry.names import split_ref
+from moduleserve.registry.names import parse_model_ref
 
 # registry.inspection and registry.introspect import torch: they are imported inside the
 # commands, so that `moduleserve-registry` commands without weights start fast.
 
 Handler = Callable[[Registry, argparse.Namespace], int]
-
-# registry.introspect compares a and b; the client's dataclasses call them base and other.
-_RENAMED = {
-    "norm_a": "norm_base",
-    "shape_a": "shape_base",
-    "shape_b": "shape_other",
-    "dtype_a": "dtype_base",
-    "dtype_b": "dtype_other",
-    "only_a": "only_base",
-    "only_b": "only_other",
-}
 
 
 def add_inspect_command(commands: Any) -> None:
@@ -57,30 +52,9 @@ def add_inspect_command(commands: Any) -> None:
     )
 
 
-def to_client(result: Any, kinds: Mapping[str, str] | None = None, **extra: Any) -> Any:
-    """A registry.introspect result as the client's dataclass of the same name, recursively.
-
-    Fields a and b become base and other; a StateDiff becomes a VersionDiff whose entries
-    take their kind from `kinds`. `extra` gives the fields the result lacks (base, other).
-    """
-    from moduleserve.registry import introspect
-
-    if isinstance(result, list | tuple):
-        return tuple(to_client(item, kinds) for item in result)
-    if not dataclasses.is_dataclass(result) or isinstance(result, type):
-        return result
-    fields = {
-        _RENAMED.get(field.name, field.name): to_client(getattr(result, field.name), kinds)
-        for field in dataclasses.fields(result)
-    }
-    if isinstance(result, introspect.TensorDiff):
-        fields["kind"] = (kinds or {}).get(result.name, "")
-    name = "VersionDiff" if isinstance(result, introspect.StateDiff) else type(result).__name__
-    return getattr(client_side, name)(**fields, **extra)
-
-
 def _one_sentence(func: Handler) -> Handler:
-    """Refusals of the plain functions (bad slice, unknown tensor...) exit 1 like the others."""
+    """Refusals of the plain functions (bad slice, unknown tensor...) and values the client
+    cannot decode exit 1 like the others; any other error stays a bug, with its traceback."""
 
     @functools.wraps(func)
     def wrapper(registry: Registry, args: argparse.Namespace) -> int:
@@ -88,30 +62,29 @@ def _one_sentence(func: Handler) -> Handler:
 
         try:
             return func(registry, args)
-        except (introspect.IntrospectionError, ValueError) as exc:
+        except (introspect.IntrospectionError, UnsupportedDtypeError) as exc:
             raise InvalidInputError(str(exc)) from exc
 
     return wrapper
 
 
 def _resolve(registry: Registry, args: argparse.Namespace) -> Version:
-    return registry.checkpoints.resolve(*split_ref(args.model))
+    return registry.checkpoints.resolve(*parse_model_ref(args.model))
 
 
-def _model_version(version: Version) -> client_side.ModelVersion:
-    return client_side.ModelVersion(version.model, version.version, version.class_name, False)
+def _model_version(version: Version) -> ModelVersion:
+    """A stored version as the results name it (never `loaded`: there is no server)."""
+    return ModelVersion(version.model, version.version, version.class_name, False)
 
 
 @_one_sentence
 def cmd_tree(registry: Registry, args: argparse.Namespace) -> int:
     """Print the module tree like print(model), with counts (built on meta: no weights read)."""
-    from moduleserve.registry import inspection, introspect
+    from moduleserve.registry import inspection
 
     version = _resolve(registry, args)
     nodes, totals = inspection.tree(registry, version)
-    text = introspect.format_tree(nodes)
-    model = _model_version(version)
-    tree = client_side.ModuleTree(model, to_client(nodes), to_client(totals), text)
+    tree = ModuleTree(_model_version(version), tuple(nodes), totals, format_tree(nodes))
     print(render_tree(tree, as_json=args.json))
     return 0
 
@@ -125,9 +98,7 @@ def cmd_tensors(registry: Registry, args: argparse.Namespace) -> int:
         introspect.check_pattern(args.pattern)  # refuse before any weights are read
     version = _resolve(registry, args)
     summaries, totals = inspection.summaries(registry, version, args.kind, args.pattern)
-    listing = client_side.TensorListing(
-        _model_version(version), to_client(summaries), to_client(totals)
-    )
+    listing = TensorListing(_model_version(version), tuple(summaries), totals)
     print(render_listing(listing, args.kind, as_json=args.json))
     return 0
 
@@ -141,7 +112,7 @@ def cmd_tensor(registry: Registry, args: argparse.Namespace) -> int:
     version = _resolve(registry, args)
     tensor = inspection.values(registry, version, args.name, args.slices, cap)
     dtype = str(tensor.dtype).removeprefix("torch.")
-    values = client_side.decode_tensor(dtype, tuple(tensor.shape), introspect.tensor_bytes(tensor))
+    values = decode_tensor(dtype, tuple(tensor.shape), introspect.tensor_bytes(tensor))
     print(render_values(args.name, values, as_json=args.json))
     return 0
 
@@ -151,9 +122,9 @@ def cmd_diff(registry: Registry, args: argparse.Namespace) -> int:
     """Print per-tensor changes of OTHER against MODEL[:VERSION] and summary counts."""
     from moduleserve.registry import inspection
 
-    base_ref = split_ref(args.model)
-    other_ref = split_ref(args.other if ":" in args.other else f"{base_ref[0]}:{args.other}")
-    base, other, diff, kinds = inspection.diff(registry, base_ref, other_ref)
-    result = to_client(diff, kinds, base=_model_version(base), other=_model_version(other))
+    base_ref = parse_model_ref(args.model)
+    other_ref = parse_model_ref(args.other if ":" in args.other else f"{base_ref[0]}:{args.other}")
+    base, other, diff = inspection.diff(registry, base_ref, other_ref)
+    result = VersionDiff.of(_model_version(base), _model_version(other), diff)
     print(render_diff(result, as_json=args.json))
     return 0

@@ -13,6 +13,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from moduleserve.client.introspection_results import (
+    KindFilter,
+    ModuleNode,
+    StateDiff,
+    TensorSummary,
+    Totals,
+)
 from moduleserve.registry import introspect
 from moduleserve.registry.entities import Version
 from moduleserve.registry.errors import InvalidInputError
@@ -42,7 +49,7 @@ def element_cap(requested: int, ceiling: int | None = None) -> int:
 
 def tree(
     registry: Registry, version: Version, live: nn.Module | None = None
-) -> tuple[list[introspect.ModuleNode], introspect.Totals]:
+) -> tuple[list[ModuleNode], Totals]:
     """Module tree and totals; structure alone, so an unloaded version is built on meta."""
     if live is None:
         live = registry.classes.build(registry.module_class_of(version), device="meta")
@@ -52,10 +59,10 @@ def tree(
 def summaries(
     registry: Registry,
     version: Version,
-    kind: introspect.Kind = "all",
+    kind: KindFilter = "all",
     pattern: str | None = None,
     live: nn.Module | None = None,
-) -> tuple[list[introspect.TensorSummary], introspect.Totals]:
+) -> tuple[list[TensorSummary], Totals]:
     """Tensor summaries of the live module, or of the version built on the CPU for this call."""
     module = live if live is not None else registry.build_version(version, "cpu")
     return introspect.tensor_summaries(module, kind, pattern), introspect.totals(module)
@@ -76,8 +83,8 @@ def values(
 
 def diff(
     registry: Registry, base_ref: tuple[str, str], other_ref: tuple[str, str]
-) -> tuple[Version, Version, introspect.StateDiff, dict[str, introspect.TensorKind]]:
-    """Diff two stored checkpoints of one Module class; kinds come from a meta build.
+) -> tuple[Version, Version, StateDiff]:
+    """Diff two stored checkpoints of one Module class; entry kinds come from a meta build.
 
     Refuses (IncompatibleClassesError) versions of classes with different import paths.
     """
@@ -90,7 +97,8 @@ def diff(
     # Stored checkpoints come back sorted by key; report in the module's own order instead.
     base_tensors = _in_order(registry.state_dict(base), kinds)
     other_tensors = _in_order(registry.state_dict(other), kinds)
-    return base, other, introspect.diff_state_dicts(base_tensors, other_tensors), kinds
+    diff = introspect.diff_state_dicts(base_tensors, other_tensors, kinds=kinds)
+    return base, other, diff
 
 
 def _in_order(tensors: dict[str, torch.Tensor], order: Iterable[str]) -> dict[str, torch.Tensor]:

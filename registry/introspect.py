@@ -1,7 +1,8 @@
 """Introspection of ``nn.Module`` models: module tree, tensor statistics, values and diffs.
 
-Plain functions shared by the introspection RPCs, the admin CLI and tests: torch and the
-standard library only (``registry.inspection`` applies them to stored versions). Statistics
+Plain functions shared by the introspection RPCs, the admin CLI and tests: torch, the
+standard library, and the client's result dataclasses (``client.introspection_results``),
+returned as they are (``registry.inspection`` applies them to stored versions). Statistics
 are computed in float64 over fixed-size chunks, so a large tensor is never copied whole. NaN
 and Inf are counted apart, and mean, std, min, max and the L2 norm cover the finite values
 only, so one NaN does not hide everything else.
@@ -9,18 +10,27 @@ only, so one NaN does not hide everything else.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import fnmatch
 import math
 import re
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from types import EllipsisType
-from typing import Any, Literal
 
 import torch
 from torch import nn
+
+from moduleserve.client.introspection_results import (
+    DiffMetrics,
+    KindFilter,
+    ModuleNode,
+    StateDiff,
+    TensorDiff,
+    TensorKind,
+    TensorStats,
+    TensorSummary,
+    Totals,
+)
 
 # 4M float64 elements = 32 MiB of working memory per chunk, yet few enough kernel launches.
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
@@ -29,9 +39,6 @@ DEFAULT_MAX_ELEMENTS = 1 << 18
 _MAX_SLICE_CHARS = 1024
 _MAX_PATTERN_CHARS = 1024
 _INT_RE = re.compile(r"[+-]?\d{1,19}")
-
-Kind = Literal["parameters", "buffers", "all"]
-TensorKind = Literal["parameter", "buffer"]
 
 
 class IntrospectionError(Exception):
@@ -86,111 +93,6 @@ class TooLargeError(IntrospectionError, ValueError):
         self.name, self.elements, self.cap = name, elements, cap
 
 
-class _ToDict:
-    def to_dict(self) -> dict[str, Any]:
-        """Return the fields as plain data, ready for ``json.dumps``."""
-        fields: dict[str, Any] = dataclasses.asdict(self)  # type: ignore[call-overload]  # mixin
-        return fields
-
-
-@dataclass(frozen=True)
-class ModuleNode(_ToDict):
-    """One submodule with its parameter counts (a tensor shared in the subtree counts once)."""
-
-    name: str  # qualified name, "" for the root
-    depth: int
-    class_name: str
-    extra_repr: str
-    parameters: int
-    trainable: int
-    frozen: int
-    own_parameters: int  # registered directly on this module
-
-
-@dataclass(frozen=True)
-class TensorStats(_ToDict):
-    """Float64 statistics; mean, std, min, max and norm cover the ``finite`` values only."""
-
-    mean: float | None
-    std: float | None  # unbiased like torch.std; None below two finite values
-    min: float | None
-    max: float | None
-    norm: float | None
-    zero_fraction: float  # of all elements
-    finite: int
-    nan_count: int
-    inf_count: int
-
-
-@dataclass(frozen=True)
-class TensorSummary(_ToDict):
-    """A parameter or buffer: metadata, aliases and statistics (None without values)."""
-
-    name: str
-    kind: TensorKind
-    shape: tuple[int, ...]
-    dtype: str
-    device: str
-    numel: int
-    requires_grad: bool
-    tied_to: tuple[str, ...]  # other names viewing the same elements
-    stats: TensorStats | None
-
-
-@dataclass(frozen=True)
-class Totals(_ToDict):
-    """Whole-module counts; a tensor registered under several names counts once."""
-
-    parameters: int
-    trainable: int
-    frozen: int
-    parameter_bytes: int
-    parameter_tensors: int
-    buffer_elements: int
-    buffer_bytes: int
-    buffer_tensors: int
-
-
-@dataclass(frozen=True)
-class DiffMetrics(_ToDict):
-    """How one tensor changed; norms and max cover positions finite on both sides."""
-
-    changed_elements: int
-    nonfinite_changed: int  # changed positions where either side is NaN or Inf
-    norm_a: float
-    diff_norm: float
-    relative_change: float | None  # diff_norm / norm_a; None when norm_a is 0 but b differs
-    max_abs_diff: float
-
-
-@dataclass(frozen=True)
-class TensorDiff(_ToDict):
-    """One key present in both state dicts; ``metrics`` is None on a shape or dtype mismatch."""
-
-    name: str
-    shape_a: tuple[int, ...]
-    shape_b: tuple[int, ...]
-    dtype_a: str
-    dtype_b: str
-    shape_mismatch: bool
-    dtype_mismatch: bool
-    changed: bool
-    metrics: DiffMetrics | None
-
-
-@dataclass(frozen=True)
-class StateDiff(_ToDict):
-    """Per-key differences between state dicts ``a`` and ``b``, with summary counts."""
-
-    entries: tuple[TensorDiff, ...]
-    only_a: tuple[str, ...]
-    only_b: tuple[str, ...]
-    compared: int
-    changed: int
-    unchanged: int
-    mismatched: int
-
-
 def module_tree(module: nn.Module) -> list[ModuleNode]:
     """Return every submodule in ``named_modules()`` order with its parameter counts."""
     nodes = []
@@ -206,18 +108,6 @@ def module_tree(module: nn.Module) -> list[ModuleNode]:
     return nodes
 
 
-def format_tree(nodes: Iterable[ModuleNode]) -> str:
-    """Render nodes as an indented tree like ``print(model)``, with counts on each line."""
-    lines = []
-    for node in nodes:
-        label = node.name.rsplit(".", 1)[-1] + ": " if node.name else ""
-        extra = " ".join(part.strip() for part in node.extra_repr.splitlines())
-        frozen = f", frozen {node.frozen:,}" if node.frozen else ""
-        counts = f"params={node.parameters:,} (trainable {node.trainable:,}{frozen})"
-        lines.append(f"{'  ' * node.depth}{label}{node.class_name}({extra})  {counts}")
-    return "\n".join(lines)
-
-
 def totals(module: nn.Module) -> Totals:
     """Return parameter and buffer totals for the whole module."""
     params, trainable, param_bytes, param_tensors = _tally(module.parameters())
@@ -230,7 +120,7 @@ def totals(module: nn.Module) -> Totals:
 
 def tensor_summaries(
     module: nn.Module,
-    kind: Kind = "all",
+    kind: KindFilter = "all",
     pattern: str | None = None,
     *,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
@@ -411,18 +301,27 @@ def parse_slices(text: str, shape: Sequence[int]) -> tuple[int | slice | Ellipsi
 
 
 def diff_state_dicts(
-    a: Mapping[str, torch.Tensor],
-    b: Mapping[str, torch.Tensor],
+    base: Mapping[str, torch.Tensor],
+    other: Mapping[str, torch.Tensor],
     *,
+    kinds: Mapping[str, TensorKind] | None = None,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> StateDiff:
-    """Compare two state dicts key by key, in float64 and chunk by chunk."""
-    entries = tuple(_diff_entry(key, a[key], b[key], chunk_elements) for key in a if key in b)
+    """Compare ``other`` against ``base`` key by key, in float64 and chunk by chunk.
+
+    ``kinds`` tags each entry as parameter or buffer (see `tensor_kinds`); "" when absent.
+    """
+    kinds = kinds or {}
+    entries = tuple(
+        _diff_entry(key, kinds.get(key, ""), base[key], other[key], chunk_elements)
+        for key in base
+        if key in other
+    )
     changed = sum(entry.changed for entry in entries)
     return StateDiff(
         entries=entries,
-        only_a=tuple(key for key in a if key not in b),
-        only_b=tuple(key for key in b if key not in a),
+        only_base=tuple(key for key in base if key not in other),
+        only_other=tuple(key for key in other if key not in base),
         compared=len(entries),
         changed=changed,
         unchanged=len(entries) - changed,
@@ -430,8 +329,10 @@ def diff_state_dicts(
     )
 
 
-def _diff_entry(name: str, a: torch.Tensor, b: torch.Tensor, chunk_elements: int) -> TensorDiff:
-    """Diff one pair of tensors; a shape or dtype mismatch skips the numeric part."""
+def _diff_entry(
+    name: str, kind: TensorKind, a: torch.Tensor, b: torch.Tensor, chunk_elements: int
+) -> TensorDiff:
+    """Diff one pair of tensors (base a, other b); a shape or dtype mismatch skips the numbers."""
     shape_mismatch, dtype_mismatch = a.shape != b.shape, a.dtype != b.dtype
     metrics = None
     if not (shape_mismatch or dtype_mismatch):
@@ -440,10 +341,17 @@ def _diff_entry(name: str, a: torch.Tensor, b: torch.Tensor, chunk_elements: int
                 raise TensorNotMaterializedError(name)
         metrics = _diff_metrics(a.detach(), b.detach(), chunk_elements)
     changed = metrics is None or metrics.changed_elements > 0
-    dtype_a, dtype_b = _dtype_name(a.dtype), _dtype_name(b.dtype)
-    shapes = tuple(a.shape), tuple(b.shape)
     return TensorDiff(
-        name, *shapes, dtype_a, dtype_b, shape_mismatch, dtype_mismatch, changed, metrics
+        name=name,
+        kind=kind,
+        shape_base=tuple(a.shape),
+        shape_other=tuple(b.shape),
+        dtype_base=_dtype_name(a.dtype),
+        dtype_other=_dtype_name(b.dtype),
+        shape_mismatch=shape_mismatch,
+        dtype_mismatch=dtype_mismatch,
+        changed=changed,
+        metrics=metrics,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from moduleserve.client.client import split_ref
 from moduleserve.registry.errors import InvalidInputError, InvalidNameError, shorten
 
 # Names end up in file paths, URLs and CLI arguments: keep them to a safe alphabet.
@@ -35,9 +36,10 @@ def check_alias(alias: str) -> str:
     return alias
 
 
-def split_ref(text: str) -> tuple[str, str]:
-    """Split `MODEL[:VERSION|:ALIAS]` into (model, ref); ref is "" when absent."""
-    model, _, ref = text.partition(":")
+def parse_model_ref(text: str) -> tuple[str, str]:
+    """`MODEL[:VERSION|:ALIAS]` as (model, ref), split by the client's `split_ref`, with both
+    parts checked; ref is "" when absent."""
+    model, ref = split_ref(text)
     check_name("model", model)
     parse_ref(ref)
     return model, ref

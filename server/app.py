@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from moduleserve.client.client import split_ref
 from moduleserve.client.oip import OIP_SERVICE
 from moduleserve.client.pb import moduleserve_v1_pb2, moduleserve_v1_pb2_grpc, oip_v2_pb2
 from moduleserve.registry.api import Registry
@@ -137,7 +138,7 @@ class App:
         await self.server.start()
         self.cache.start()
         for ref in self.settings.preload:
-            model, _, version = ref.partition(":")
+            model, version = split_ref(ref)
             await self.cache.load(model, version)
         if self.settings.job_workers:
             self.job_workers.start()

@@ -1,17 +1,15 @@
-"""Pure converters between registry.introspect results and moduleserve.v1 messages."""
+"""Pure converters from introspection results (``client.introspection_results``, built by
+registry.introspect) to moduleserve.v1 messages; the client's converters go the other way."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import torch
 
-from moduleserve.client.pb import moduleserve_v1_pb2 as pb
-from moduleserve.registry.entities import Version
-from moduleserve.registry.errors import InvalidInputError
-from moduleserve.registry.introspect import (
+from moduleserve.client.introspection_results import (
     DiffMetrics,
-    Kind,
+    KindFilter,
     ModuleNode,
     StateDiff,
     TensorDiff,
@@ -19,14 +17,18 @@ from moduleserve.registry.introspect import (
     TensorStats,
     TensorSummary,
     Totals,
-    tensor_bytes,
 )
+from moduleserve.client.pb import moduleserve_v1_pb2 as pb
+from moduleserve.registry.entities import Version
+from moduleserve.registry.errors import InvalidInputError
+from moduleserve.registry.introspect import tensor_bytes
 
 KIND_TO_PB: dict[TensorKind, pb.TensorKind] = {
     "parameter": pb.TENSOR_KIND_PARAMETER,
     "buffer": pb.TENSOR_KIND_BUFFER,
+    "": pb.TENSOR_KIND_UNSPECIFIED,
 }
-FILTER_FROM_PB: dict[int, Kind] = {
+FILTER_FROM_PB: dict[int, KindFilter] = {
     pb.TENSOR_KIND_UNSPECIFIED: "all",
     pb.TENSOR_KIND_PARAMETER: "parameters",
     pb.TENSOR_KIND_BUFFER: "buffers",
@@ -40,7 +42,7 @@ def ref_from_pb(ref: pb.ModelRef, field: str = "model") -> tuple[str, str]:
     return ref.model, ref.version.strip()
 
 
-def kind_filter_from_pb(kind: int) -> Kind:
+def kind_filter_from_pb(kind: int) -> KindFilter:
     """The tensor_summaries kind for a ListTensorsRequest.kind (an open proto3 enum)."""
     try:
         return FILTER_FROM_PB[kind]
@@ -137,11 +139,11 @@ def tensor_to_pb(
 
 
 def metrics_to_pb(metrics: DiffMetrics) -> pb.DiffMetrics:
-    """How one tensor changed (base = a, other = b)."""
+    """How one tensor changed."""
     message = pb.DiffMetrics(
         changed_elements=metrics.changed_elements,
         nonfinite_changed=metrics.nonfinite_changed,
-        norm_base=metrics.norm_a,
+        norm_base=metrics.norm_base,
         diff_norm=metrics.diff_norm,
         max_abs_diff=metrics.max_abs_diff,
     )
@@ -150,15 +152,15 @@ def metrics_to_pb(metrics: DiffMetrics) -> pb.DiffMetrics:
     return message
 
 
-def tensor_diff_to_pb(entry: TensorDiff, kind: TensorKind | None) -> pb.TensorDiff:
+def tensor_diff_to_pb(entry: TensorDiff) -> pb.TensorDiff:
     """One key present in both versions."""
     message = pb.TensorDiff(
         name=entry.name,
-        kind=KIND_TO_PB[kind] if kind is not None else pb.TENSOR_KIND_UNSPECIFIED,
-        shape_base=entry.shape_a,
-        shape_other=entry.shape_b,
-        dtype_base=entry.dtype_a,
-        dtype_other=entry.dtype_b,
+        kind=KIND_TO_PB[entry.kind],
+        shape_base=entry.shape_base,
+        shape_other=entry.shape_other,
+        dtype_base=entry.dtype_base,
+        dtype_other=entry.dtype_other,
         shape_mismatch=entry.shape_mismatch,
         dtype_mismatch=entry.dtype_mismatch,
         changed=entry.changed,
@@ -168,16 +170,14 @@ def tensor_diff_to_pb(entry: TensorDiff, kind: TensorKind | None) -> pb.TensorDi
     return message
 
 
-def diff_to_pb(
-    base: Version, other: Version, diff: StateDiff, kinds: Mapping[str, TensorKind]
-) -> pb.DiffVersionsResponse:
-    """The DiffVersions response; `kinds` tags each key as parameter or buffer."""
+def diff_to_pb(base: Version, other: Version, diff: StateDiff) -> pb.DiffVersionsResponse:
+    """The DiffVersions response."""
     return pb.DiffVersionsResponse(
         base=version_to_pb(base),
         other=version_to_pb(other),
-        entries=[tensor_diff_to_pb(e, kinds.get(e.name)) for e in diff.entries],
-        only_base=diff.only_a,
-        only_other=diff.only_b,
+        entries=[tensor_diff_to_pb(e) for e in diff.entries],
+        only_base=diff.only_base,
+        only_other=diff.only_other,
         compared=diff.compared,
         changed=diff.changed,
         unchanged=diff.unchanged,

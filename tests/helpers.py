@@ -17,7 +17,7 @@ import sqlalchemy as sa
 import torch
 from torch import nn
 
-from moduleserve.client.introspection import Totals
+from moduleserve.client.introspection_results import Totals
 from moduleserve.registry.cli import main as registry_cli
 from moduleserve.registry.config import RegistrySettings
 

@@ -14,6 +14,7 @@ from typing import TypeVar
 import grpc
 from torch import nn
 
+from moduleserve.client.inspect_render import format_tree
 from moduleserve.client.pb import moduleserve_v1_pb2 as pb
 from moduleserve.client.pb import moduleserve_v1_pb2_grpc as pb_grpc
 from moduleserve.registry import inspection, introspect
@@ -66,7 +67,7 @@ class IntrospectionServicer(pb_grpc.IntrospectionServicer):
     ) -> pb.GetModuleTreeResponse:
         version, live = await self._resolve(request.model)
         nodes, totals = await _built(version, inspection.tree, self.registry, version, live)
-        text = introspect.format_tree(nodes)
+        text = format_tree(nodes)
         return tree_to_pb(version, live is not None, nodes, totals, text)
 
     @map_errors
@@ -117,14 +118,14 @@ class IntrospectionServicer(pb_grpc.IntrospectionServicer):
         # Resolved first so that a class that no longer builds is told as a failed load.
         version = await asyncio.to_thread(self.registry.checkpoints.resolve, base_model, base_ref)
         async with self._builds:
-            base, other, diff, kinds = await _built(
+            base, other, diff = await _built(
                 version,
                 inspection.diff,
                 self.registry,
                 (base_model, base_ref),
                 (other_model, other_text),
             )
-        return diff_to_pb(base, other, diff, kinds)
+        return diff_to_pb(base, other, diff)
 
     async def _resolve(self, ref: pb.ModelRef) -> tuple[Version, nn.Module | None]:
         """The version a ref names, and its live module when that version is loaded now."""

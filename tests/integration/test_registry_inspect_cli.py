@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from moduleserve.client.introspection import TensorStats, Totals
+from moduleserve.client.introspection_results import TensorStats, Totals
 from moduleserve.registry.api import Registry
 from moduleserve.registry.classes import parse_input_spec
 from moduleserve.registry.demo.models import FrozenBackboneNet, MyNet, Net

@@ -12,6 +12,7 @@ import torch
 from google.protobuf.message import Message
 
 from moduleserve.client import introspection as client_side
+from moduleserve.client import introspection_results as results
 from moduleserve.client.pb import moduleserve_v1_pb2 as pb
 from moduleserve.registry import introspect
 from moduleserve.registry.demo.models import MLP, FrozenBackboneNet, Net, TiedAutoencoder
@@ -34,13 +35,13 @@ def test_tree_round_trip() -> None:
     module = FrozenBackboneNet()
     nodes, totals = introspect.module_tree(module), introspect.totals(module)
     reply = wire(convert.tree_to_pb(VERSION, True, nodes, totals, "text"))
-    tree = client_side.ModuleTree(
+    tree = results.ModuleTree(
         model=client_side.version_from_pb(reply.model),
         nodes=tuple(client_side.module_node_from_pb(n) for n in reply.nodes),
         totals=client_side.totals_from_pb(reply.totals),
         text=reply.text,
     )
-    assert tree.model == client_side.ModelVersion("net", 3, "net", True)
+    assert tree.model == results.ModelVersion("net", 3, "net", True)
     assert [n.to_dict() for n in tree.nodes] == [n.to_dict() for n in nodes]
     assert tree.totals.to_dict() == totals.to_dict()
 
@@ -58,10 +59,8 @@ def test_summaries_round_trip(factory: type[torch.nn.Module]) -> None:
 
 
 def test_missing_statistics_stay_none() -> None:
-    empty = introspect.TensorSummary(
-        "w", "buffer", (0,), "float32", "cpu", 0, False, (), stats=None
-    )
-    single = introspect.TensorSummary(
+    empty = results.TensorSummary("w", "buffer", (0,), "float32", "cpu", 0, False, (), stats=None)
+    single = results.TensorSummary(
         "n", "buffer", (), "int64", "cpu", 1, False, (), introspect.tensor_stats(torch.tensor(7))
     )
     assert client_side.summary_from_pb(wire(convert.summary_to_pb(empty))).stats is None
@@ -74,7 +73,7 @@ def test_missing_statistics_stay_none() -> None:
     assert client_side.stats_from_pb(message).nan_count == 1
 
 
-def test_diff_round_trip_renames_a_and_b() -> None:
+def test_diff_round_trip() -> None:
     a = MLP(8, [6]).state_dict()
     b = {k: v.clone() for k, v in a.items()}
     b["layers.0.weight"] += 1.0
@@ -82,9 +81,9 @@ def test_diff_round_trip_renames_a_and_b() -> None:
     a["layers.0.bias"].zero_()  # base norm 0, no change: relative change 0
     b["layers.4.weight"] = torch.zeros(10, 7)  # shape mismatch
     del b["layers.4.bias"]
-    diff = introspect.diff_state_dicts(a, b)
     kinds = introspect.tensor_kinds(MLP(8, [6]))
-    reply = wire(convert.diff_to_pb(VERSION, VERSION, diff, kinds))
+    diff = introspect.diff_state_dicts(a, b, kinds=kinds)
+    reply = wire(convert.diff_to_pb(VERSION, VERSION, diff))
     got = client_side.diff_from_pb(reply)
     assert (got.compared, got.changed, got.unchanged, got.mismatched) == (
         diff.compared,
@@ -95,13 +94,13 @@ def test_diff_round_trip_renames_a_and_b() -> None:
     assert got.only_base == ("layers.4.bias",) and got.only_other == ()
     for mine, theirs in zip(got.entries, diff.entries, strict=True):
         assert mine.name == theirs.name and mine.kind == kinds[theirs.name]
-        assert (mine.shape_base, mine.shape_other) == (theirs.shape_a, theirs.shape_b)
+        assert (mine.shape_base, mine.shape_other) == (theirs.shape_base, theirs.shape_other)
         assert mine.changed == theirs.changed
         if theirs.metrics is None:
             assert mine.metrics is None
             continue
         assert mine.metrics is not None
-        assert mine.metrics.norm_base == theirs.metrics.norm_a
+        assert mine.metrics.norm_base == theirs.metrics.norm_base
         assert mine.metrics.diff_norm == theirs.metrics.diff_norm
         assert mine.metrics.relative_change == theirs.metrics.relative_change
         assert mine.metrics.max_abs_diff == theirs.metrics.max_abs_diff

@@ -10,18 +10,16 @@ import pytest
 import torch
 from torch import nn
 
+from moduleserve.client.inspect_render import format_tree
+from moduleserve.client.introspection_results import DiffMetrics, TensorDiff, TensorStats
 from moduleserve.registry.demo.models import MLP, FrozenBackboneNet, MyNet, Net, TiedAutoencoder
 from moduleserve.registry.introspect import (
-    DiffMetrics,
     InvalidPatternError,
     InvalidSliceError,
-    TensorDiff,
     TensorNotFoundError,
     TensorNotMaterializedError,
-    TensorStats,
     TooLargeError,
     diff_state_dicts,
-    format_tree,
     module_tree,
     tensor_stats,
     tensor_summaries,
@@ -411,14 +409,14 @@ def test_diff_model_against_perturbed_copy() -> None:
     numeric_changed = {"head.weight", "block1.conv.bias", "block2.bn.num_batches_tracked"}
     mismatched = {"block2.conv.bias", "block1.bn.running_var"}
     assert {n for n, e in entries.items() if e.changed} == numeric_changed | mismatched
-    assert (diff.only_a, diff.only_b) == (("head.bias",), ("extra.weight",))
+    assert (diff.only_base, diff.only_other) == (("head.bias",), ("extra.weight",))
     assert (diff.compared, diff.changed, diff.unchanged) == (len(a) - 1, 5, len(a) - 6)
     assert diff.mismatched == 2
     assert (
         entries["block2.conv.bias"].shape_mismatch and entries["block2.conv.bias"].metrics is None
     )
     assert entries["block1.bn.running_var"].dtype_mismatch
-    assert entries["block1.bn.running_var"].dtype_b == "float64"
+    assert entries["block1.bn.running_var"].dtype_other == "float64"
     for name, entry in entries.items():
         if name in mismatched:
             continue
@@ -426,7 +424,7 @@ def test_diff_model_against_perturbed_copy() -> None:
         m = metrics_of(entry)
         assert m.changed_elements == int((a[name] != b[name]).sum())
         assert m.nonfinite_changed == 0
-        assert m.norm_a == approx(float(ta.norm()))
+        assert m.norm_base == approx(float(ta.norm()))
         assert m.diff_norm == approx(float((tb - ta).norm()))
         assert m.max_abs_diff == approx(float((tb - ta).abs().max()))
         if float(ta.norm()) > 0:
@@ -434,7 +432,7 @@ def test_diff_model_against_perturbed_copy() -> None:
     assert metrics_of(entries["block1.conv.bias"]).changed_elements == 1
     assert metrics_of(entries["block1.conv.bias"]).max_abs_diff == pytest.approx(1.0, abs=1e-6)
     assert metrics_of(entries["block2.bn.num_batches_tracked"]).relative_change == approx(4.0)
-    assert json.loads(json.dumps(diff.to_dict()))["only_b"] == ["extra.weight"]
+    assert json.loads(json.dumps(diff.to_dict()))["only_other"] == ["extra.weight"]
 
 
 def test_diff_chunking_and_identity() -> None:
@@ -447,7 +445,7 @@ def test_diff_chunking_and_identity() -> None:
         strict=True,
     ):
         assert metrics_of(small).changed_elements == metrics_of(whole).changed_elements == 33 * 17
-        for field in ("norm_a", "diff_norm", "relative_change", "max_abs_diff"):
+        for field in ("norm_base", "diff_norm", "relative_change", "max_abs_diff"):
             assert getattr(metrics_of(small), field) == approx(getattr(metrics_of(whole), field))
         ta, tb = a[small.name].double(), b[small.name].double()
         assert metrics_of(small).diff_norm == approx(float((tb - ta).norm()))
@@ -460,7 +458,7 @@ def test_diff_zero_norm_and_nonfinite() -> None:
     zeros = {"z": torch.zeros(3)}
     assert metrics_of(diff_state_dicts(zeros, zeros).entries[0]).relative_change == 0.0
     grown = metrics_of(diff_state_dicts(zeros, {"z": torch.tensor([0.0, 3.0, 4.0])}).entries[0])
-    assert (grown.relative_change, grown.diff_norm, grown.norm_a) == (None, 5.0, 0.0)
+    assert (grown.relative_change, grown.diff_norm, grown.norm_base) == (None, 5.0, 0.0)
     nan = math.nan
     a = {"x": torch.tensor([nan, 1.0, 2.0, 5.0])}
     b = {"x": torch.tensor([nan, 1.0, math.inf, 7.0])}
@@ -471,6 +469,6 @@ def test_diff_zero_norm_and_nonfinite() -> None:
         2.0,
         2.0,
     )
-    assert m.norm_a == approx(math.sqrt(1 + 4 + 25))
+    assert m.norm_base == approx(math.sqrt(1 + 4 + 25))
     big = diff_state_dicts({"n": torch.tensor([2**60])}, {"n": torch.tensor([2**60 + 1])})
     assert big.entries[0].changed  # exact compare, though float64 cannot tell them apart

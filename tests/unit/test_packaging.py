@@ -48,6 +48,7 @@ def test_importing_the_client_pulls_in_neither_sqlalchemy_nor_the_server() -> No
     modules = (
         "moduleserve.client, moduleserve.client.tables, moduleserve.client.client, "
         "moduleserve.client.cli, moduleserve.client.introspection, moduleserve.client.inspect_cli, "
+        "moduleserve.client.introspection_results, moduleserve.client.inspect_render, "
         "moduleserve.client.jobs, moduleserve.client.jobs_cli, moduleserve.client.jobs_render, "
         "moduleserve.client.scripts"
     )
