@@ -31,6 +31,7 @@ from moduleserve.client.introspection_results import (
     TensorSummary,
     Totals,
 )
+from moduleserve.registry.errors import InvalidInputError
 
 # 4M float64 elements = 32 MiB of working memory per chunk, yet few enough kernel launches.
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
@@ -42,10 +43,11 @@ _INT_RE = re.compile(r"[+-]?\d{1,19}")
 
 
 class IntrospectionError(Exception):
-    """Base class of the errors the plain functions raise about what was asked of them."""
+    """Base class of the errors the plain functions raise about what was asked of them; the
+    ones about malformed input also belong to the registry's InvalidInputError family."""
 
 
-class InvalidPatternError(IntrospectionError, ValueError):
+class InvalidPatternError(IntrospectionError, InvalidInputError, ValueError):
     """A tensor-name pattern that cannot be used (empty, too long, or an unclosed '[')."""
 
     def __init__(self, pattern: str, reason: str = "is empty") -> None:
@@ -74,7 +76,7 @@ class TensorNotMaterializedError(IntrospectionError, ValueError):
         self.name = name
 
 
-class InvalidSliceError(IntrospectionError, ValueError):
+class InvalidSliceError(IntrospectionError, InvalidInputError, ValueError):
     """A slice string that does not parse or does not fit the tensor's shape."""
 
     def __init__(self, text: str, reason: str) -> None:
@@ -82,7 +84,7 @@ class InvalidSliceError(IntrospectionError, ValueError):
         self.text, self.reason = text, reason
 
 
-class TooLargeError(IntrospectionError, ValueError):
+class TooLargeError(IntrospectionError, InvalidInputError, ValueError):
     """The selected values exceed the element cap."""
 
     def __init__(self, name: str, elements: int, cap: int) -> None:

@@ -40,9 +40,6 @@ STATUS_FOR: dict[type[BaseException], grpc.StatusCode] = {
     server_errors.UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     server_errors.PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
     introspect.TensorNotFoundError: grpc.StatusCode.NOT_FOUND,
-    introspect.InvalidPatternError: grpc.StatusCode.INVALID_ARGUMENT,
-    introspect.InvalidSliceError: grpc.StatusCode.INVALID_ARGUMENT,
-    introspect.TooLargeError: grpc.StatusCode.INVALID_ARGUMENT,
     introspect.TensorNotMaterializedError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 

@@ -11,6 +11,7 @@ import pytest
 from moduleserve.client.client import ModelClient
 from moduleserve.client.errors import ERROR_FOR, ModuleServeError
 from moduleserve.registry import errors as registry_errors
+from moduleserve.registry import introspect
 from moduleserve.registry.api import Registry
 from moduleserve.registry.classes import parse_input_spec
 from moduleserve.registry.introspect import IntrospectionError
@@ -156,6 +157,9 @@ def test_one_input_error_family_for_registry_and_server() -> None:
     for cls in (server_errors.InvalidTensorError, server_errors.ShapeMismatchError,
                 server_errors.DtypeError, server_errors.ByteCountError):  # fmt: skip
         assert issubclass(cls, family) and issubclass(cls, server_errors.ServerError)
+    for cls in (introspect.InvalidPatternError, introspect.InvalidSliceError,
+                introspect.TooLargeError):  # fmt: skip
+        assert issubclass(cls, family) and cls not in STATUS_FOR
     server_entries = [cls for cls in STATUS_FOR if cls.__module__ == server_errors.__name__]
     assert not any(issubclass(cls, family) for cls in server_entries)
     error = server_errors.InvalidTensorError("x", "is odd")
