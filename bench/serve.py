@@ -158,6 +158,9 @@ def server_command(tmp: Path, args: argparse.Namespace, workers: int | None) -> 
         "--allow-prefix", "moduleserve.registry.demo",
         "--max-batch-size", str(args.max_batch_size),
         "--max-queue-delay-ms", str(args.max_queue_delay_ms),
+        # Serving alone: a job worker importing torch would take CPU from the measured
+        # windows (bench.finetune measures serving beside a training job).
+        "--job-workers", "0",
     ]  # fmt: skip
     return cmd + (["--workers", str(workers)] if workers else [])
 
