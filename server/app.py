@@ -23,6 +23,7 @@ from moduleserve.client.oip import OIP_SERVICE
 from moduleserve.client.pb import moduleserve_v1_pb2, moduleserve_v1_pb2_grpc, oip_v2_pb2
 from moduleserve.registry.api import Registry
 from moduleserve.server.config import ServerSettings
+from moduleserve.server.dataplane import DataPlane
 from moduleserve.server.engine.cache import ModelCache
 from moduleserve.server.engine.devices import DeviceExecutors, resolve_device
 from moduleserve.server.jobs.supervisor import WorkerProcesses
@@ -66,7 +67,8 @@ class App:
         )
         self.auth = Authorizer(settings.tokens, settings.read_tokens)
         self.job_workers = WorkerProcesses(settings, settings.job_workers)
-        self.inference = InferenceServicer(self.cache, self.registry, self.auth)
+        self.plane = DataPlane(self.cache, self.registry, self.auth)
+        self.inference = InferenceServicer(self.plane)
         self.server = self._build_server()
         self.port = 0
         self.metrics_port = 0
@@ -142,7 +144,7 @@ class App:
             await self.cache.load(model, version)
         if self.settings.job_workers:
             self.job_workers.start()
-        self.inference.ready = True
+        self.plane.ready = True
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(OIP_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         logger.info(
@@ -192,7 +194,7 @@ class App:
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let in-flight ones finish, then unload and release everything."""
-        self.inference.ready = False
+        self.plane.ready = False
         self.jobs.closing.set()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.shutdown_grace_s if grace is None else grace)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import grpc
@@ -25,23 +25,36 @@ class Authorizer:
 
     def check(self, context: grpc.aio.ServicerContext) -> None:
         """Raise UnauthenticatedError / PermissionDeniedError unless the call may mutate."""
-        _require_token(context, self._tokens, "this call changes the server")
+        self.check_header(authorization_of(context.invocation_metadata()))
+
+    def check_header(self, authorization: str | None) -> None:
+        """`check` for a front end that has the `authorization` header's value at hand."""
+        _require_token(authorization, self._tokens, "this call changes the server")
 
     def check_read(self, context: grpc.aio.ServicerContext) -> None:
         """Reads are open unless read tokens are configured; then any token (read or admin)."""
         if self._read_tokens:
-            _require_token(context, [*self._read_tokens, *self._tokens], "reading jobs")
+            _require_token(
+                authorization_of(context.invocation_metadata()),
+                [*self._read_tokens, *self._tokens],
+                "reading jobs",
+            )
 
 
-def _require_token(context: grpc.aio.ServicerContext, tokens: Sequence[bytes], what: str) -> None:
-    """Raise unless the call carries one of `tokens` (nothing to check when there are none)."""
+def authorization_of(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    """The `authorization` metadata value of a call, if it sent one."""
+    found = None
+    for key, value in metadata or ():
+        if key == "authorization" and isinstance(value, str):
+            found = value
+    return found
+
+
+def _require_token(header: str | None, tokens: Sequence[bytes], what: str) -> None:
+    """Raise unless `header` carries one of `tokens` (nothing to check when there are none)."""
     if not tokens:
         return
-    header = ""
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization" and isinstance(value, str):
-            header = value
-    scheme, _, token = header.partition(" ")
+    scheme, _, token = (header or "").partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise UnauthenticatedError(f"{what}: send 'authorization: Bearer <token>' metadata")
     # compare_digest against every token: no early exit that would leak timing.

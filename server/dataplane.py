@@ -1,0 +1,202 @@
+"""The Open Inference Protocol's operations over plain entities and tensors: no wire in here.
+
+Every front end is a codec over one `DataPlane` (MLServer's shape): the gRPC servicer
+(`servicers/oip.py`, served by grpc.aio or by the ASGI gRPC codec) and the KServe V2
+REST routes (`frontends/rest.py`) decode a request, call one method here, and encode
+what it returns. Errors are the domain errors of `registry/errors.py` and
+`server/errors.py`; each codec maps them to its own status (gRPC code or HTTP status).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
+
+import torch
+
+from moduleserve.registry.api import Registry
+from moduleserve.registry.entities import Model, ModuleClass, Version
+from moduleserve.registry.errors import InvalidInputError
+from moduleserve.registry.names import parse_ref
+from moduleserve.server.config import BatchingSettings
+from moduleserve.server.engine.batcher import BatcherStats
+from moduleserve.server.engine.cache import LoadedModel, ModelCache
+from moduleserve.server.inference import infer
+from moduleserve.server.security import Authorizer
+
+EXTENSIONS = [
+    "model_repository",
+    "model_repository(unload_dependents)",
+    "statistics",
+    "model_configuration",
+    "schedule_policy",
+    "binary_tensor_data",
+]
+
+
+def server_version() -> str:
+    """The installed moduleserve version."""
+    try:
+        return package_version("moduleserve")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass(frozen=True)
+class ServerMetadata:
+    name: str
+    version: str
+    extensions: list[str]
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    model: Model
+    module_class: ModuleClass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    version: Version
+    module_class: ModuleClass
+    batching: BatchingSettings
+
+
+@dataclass(frozen=True)
+class InferResult:
+    """One answered request: the version that ran it and its outputs, in request order."""
+
+    model: str
+    version: int
+    outputs: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    model: str
+    version: int
+    stats: BatcherStats
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One model version in the repository index (Triton's states: READY, LOADING, UNAVAILABLE)."""
+
+    model: str
+    version: int
+    state: str
+    reason: str
+
+
+class DataPlane:
+    """Inference, readiness, metadata, statistics and the repository over the model cache."""
+
+    def __init__(self, cache: ModelCache, registry: Registry, auth: Authorizer) -> None:
+        self.cache = cache
+        self.registry = registry
+        self.auth = auth
+        self.ready = False
+        """True once the server has started (and loaded what it loads at start)."""
+
+    def model_ready(self, model: str, ref: str = "") -> bool:
+        """Loaded and warmed up; an unknown model is simply not ready (as Triton)."""
+        return self.cache.peek(model, ref) is not None
+
+    def server_metadata(self) -> ServerMetadata:
+        return ServerMetadata("moduleserve", server_version(), list(EXTENSIONS))
+
+    async def model_metadata(self, model: str, ref: str = "") -> ModelMetadata:
+        require_name(model)
+        _, module_class = await asyncio.to_thread(self._version_and_class, model, ref)
+        found = await asyncio.to_thread(self.registry.checkpoints.get_model, model)
+        return ModelMetadata(found, module_class)
+
+    async def model_config(self, model: str, ref: str = "") -> ModelConfig:
+        require_name(model)
+        version, module_class = await asyncio.to_thread(self._version_and_class, model, ref)
+        return ModelConfig(version, module_class, self.cache.settings.batching_for(model))
+
+    def _version_and_class(self, model: str, ref: str) -> tuple[Version, ModuleClass]:
+        """Resolve a ref and fetch its class in one worker-thread hop (both hit the database)."""
+        version = self.registry.checkpoints.resolve(model, ref)
+        return version, self.registry.module_class_of(version)
+
+    async def infer(
+        self,
+        model: str,
+        ref: str,
+        inputs: Mapping[str, torch.Tensor],
+        *,
+        requested: Sequence[str] = (),
+        deadline: float | None = None,
+        priority: int = 0,
+    ) -> InferResult:
+        """Run one request through the model's dynamic batcher."""
+        require_name(model)
+        loaded, outputs = await infer(
+            self.cache,
+            model,
+            ref,
+            inputs,
+            requested=requested,
+            deadline=deadline,
+            priority=priority,
+        )
+        return InferResult(model, loaded.version.version, outputs)
+
+    async def statistics(self, model: str = "", ref: str = "") -> list[ModelStats]:
+        """Counters of the loaded versions matching `model` and `ref` (all when empty)."""
+        if ref:
+            parse_ref(ref)  # refuse a malformed version rather than match nothing
+        loaded: list[LoadedModel] = [
+            m
+            for m in self.cache.loaded()
+            if (not model or m.name == model) and (not ref or str(m.version.version) == ref)
+        ]
+        if model and not loaded:  # an unknown model is NOT_FOUND, a known one has no stats
+            await asyncio.to_thread(self.registry.checkpoints.get_model, model)
+        return [ModelStats(m.name, m.version.version, m.batcher.stats()) for m in loaded]
+
+    async def index(self, ready_only: bool = False) -> list[IndexEntry]:
+        """Every version of every registered model, with its state in this server."""
+        models = await asyncio.to_thread(self.registry.checkpoints.list_models)
+        entries = []
+        for model in models:
+            for number in model.versions:
+                state, reason = self._state(model.name, number)
+                if not ready_only or state == "READY":
+                    entries.append(IndexEntry(model.name, number, state, reason))
+        return entries
+
+    def _state(self, model: str, number: int) -> tuple[str, str]:
+        if self.cache.peek(model, str(number)) is not None:
+            return "READY", ""
+        if self.cache.is_loading(model, number):
+            return "LOADING", ""
+        failure = self.cache.failure(model, number)
+        if failure is not None:
+            return "UNAVAILABLE", failure
+        if not self.cache.settings.lazy_load:
+            return "UNAVAILABLE", "unloaded (loads on RepositoryModelLoad only)"
+        return "UNAVAILABLE", "unloaded (loads on first request or RepositoryModelLoad)"
+
+    async def load(self, model: str, ref: str = "", *, authorization: str | None) -> None:
+        """Load (and warm up) a version; needs an admin token when tokens are configured."""
+        self.auth.check_header(authorization)
+        require_name(model)
+        await self.cache.load(model, ref)
+
+    async def unload(self, model: str, *, authorization: str | None) -> None:
+        """Unload every loaded version of `model` (unknown model: NOT_FOUND)."""
+        self.auth.check_header(authorization)
+        require_name(model)
+        if not await self.cache.unload(model):
+            await asyncio.to_thread(self.registry.checkpoints.get_model, model)
+
+
+def require_name(name: str) -> None:
+    if not name:
+        raise InvalidInputError("the request names no model")
