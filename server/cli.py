@@ -15,7 +15,6 @@ from pydantic import ValidationError
 from moduleserve.client.tables import version_text
 from moduleserve.registry.config import with_added
 from moduleserve.server.config import BatchingSettings, ServerSettings, settings_error_text
-from moduleserve.server.engine.devices import resolve_device
 from moduleserve.server.logs import configure_logging
 from moduleserve.server.serve import serve
 from moduleserve.server.workers import JOIN_FLAG
@@ -173,6 +172,15 @@ def _env_batching() -> BatchingSettings | None:
         return None
 
 
+def check_device(setting: str) -> None:
+    """Refuse a device this machine lacks. `auto` and `cpu` always exist: only a CUDA
+    setting needs torch, which this process otherwise never imports under Envoy."""
+    if setting not in ("auto", "cpu"):
+        from moduleserve.server.engine.devices import resolve_device
+
+        resolve_device(setting)
+
+
 def _int_list(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part.strip()]
 
@@ -190,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: invalid settings: {settings_error_text(exc)}", file=sys.stderr)
         return 2
     try:
-        resolve_device(settings.device)  # before anything starts: a usage error, exit 2
+        check_device(settings.device)  # before anything starts: a usage error, exit 2
     except ValueError as exc:
         print(f"error: invalid settings: {exc}", file=sys.stderr)
         return 2

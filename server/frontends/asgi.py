@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from moduleserve.server.frontends.envoy import SETTINGS_ENV, STATE_ENV
 from moduleserve.server.frontends.grpc_codec import (
     GrpcCodec,
     HandlerTable,
@@ -30,9 +31,6 @@ from moduleserve.server.frontends.grpc_codec import (
 )
 
 logger = logging.getLogger(__name__)
-
-SETTINGS_ENV = "MODULESERVE_FRONTEND_SETTINGS"
-STATE_ENV = "MODULESERVE_FRONTEND_STATE"
 
 
 class ServerApplication:

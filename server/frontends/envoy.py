@@ -24,11 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from moduleserve.server.config import ServerSettings
-from moduleserve.server.frontends.asgi import SETTINGS_ENV, STATE_ENV
+from moduleserve.server.workers import die_with_parent
 
 logger = logging.getLogger(__name__)
 
+
 APP = "moduleserve.server.frontends.asgi:app"
+# The application's inputs and outputs: the settings file it reads, the state file it writes.
+SETTINGS_ENV = "MODULESERVE_FRONTEND_SETTINGS"
+STATE_ENV = "MODULESERVE_FRONTEND_STATE"
 
 
 class EnvoyStartError(RuntimeError):
@@ -126,7 +130,9 @@ class EnvoyProcess:
             "--drain-strategy",
             "immediate",
         ]
-        self._process = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL)
+        self._process = subprocess.Popen(
+            args, env=env, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent
+        )
 
     @property
     def pid(self) -> int:
