@@ -20,10 +20,12 @@ ComputeMode = Literal["inline", "thread"]
 INLINE_MAX_FORWARD_S = 0.001
 """`compute=auto` runs a model inline on the event loop when its forward pass at
 max_batch_size takes less than this. Handing a batch to the compute thread and back costs
-about 30-60 us of CPU and a thread wake-up each way (bench.engine): a large share of a
-20-100 us forward, under a tenth of a 1 ms one. Inline, a forward pass holds the loop
-(every other request, health checks) for its whole length: 1 ms is a delay no client
-notices, and still several times the forward passes of the models that gain most."""
+about 45 us of CPU on one core and a thread wake-up each way (bench.engine, one request at a
+time: MyNet 151 vs 105 us per request, MLP 618 vs 572): most of a 20-100 us forward pass,
+under a twentieth of a 1 ms one, where inline stops paying. Inline, a forward pass holds the
+loop (every other request, health checks) for its whole length: 1 ms is a delay no client
+notices, yet several times the batch-32 forward passes of the models that gain most (MyNet
+about 0.2 ms here)."""
 
 TIMING_REPEATS = 5
 """Timed forward passes at load under `compute=auto`; their median decides."""
