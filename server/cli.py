@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", help="auto (default), cpu, cuda or cuda:N")
     add("--dtype", choices=["float32", "float16", "bfloat16"], help="inference precision")
     add(
+        "--compute",
+        choices=["auto", "inline", "thread"],
+        help="where forward passes run: auto (default: inline when measured under 1 ms), "
+        "inline on the event loop, or a compute thread",
+    )
+    add(
         "--torch-threads",
         type=int,
         help="intra-op threads of forward passes (default: half the cores)",

@@ -95,6 +95,12 @@ class ServerSettings(JobWorkerSettings):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """Floating-point precision of inference (half types only on CUDA)."""
 
+    compute: Literal["auto", "inline", "thread"] = "auto"
+    """Where forward passes run: `thread` on the device's compute thread; `inline` on the
+    event loop (no thread hand-off; it stalls everything else for a forward pass's length);
+    `auto` inline for a model whose forward pass at max_batch_size is measured at load to
+    be under 1 ms on CPU, else the thread (always the thread on CUDA)."""
+
     torch_threads: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 2) // 2), gt=0)
     """Intra-op threads of forward passes; the default leaves half the cores to gRPC, since
     torch's spinning worker threads otherwise starve the event loop on small machines."""
