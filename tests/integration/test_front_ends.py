@@ -213,3 +213,28 @@ def test_concurrent_calls_from_many_threads_all_answer(slow_registry: Registry) 
         assert results == {i: 2.0 * i + 1 for i in range(64)}
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("compute", ["auto", "thread"])
+def test_model_config_says_where_forward_passes_run(compute: str, demo_registry: Registry) -> None:
+    server = start("grpc", demo_registry, preload=["doubler"], compute=compute)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            config = channel.unary_unary(
+                method_path("ModelConfig"),
+                response_deserializer=pb.ModelConfigResponse.FromString,
+            )(pb.ModelConfigRequest(name="doubler").SerializeToString()).config
+            unloaded = channel.unary_unary(
+                method_path("ModelConfig"),
+                response_deserializer=pb.ModelConfigResponse.FromString,
+            )(pb.ModelConfigRequest(name="mlp").SerializeToString()).config
+        params = config.parameters
+        if compute == "thread":
+            assert params["compute"].string_value == "thread"
+            assert "forward_ms_at_max_batch" not in params
+        else:  # measured at load: which side of the threshold depends on this machine
+            assert params["compute"].string_value in ("inline", "thread")
+            assert float(params["forward_ms_at_max_batch"].string_value) > 0
+        assert "compute" not in unloaded.parameters
+    finally:
+        server.stop()
