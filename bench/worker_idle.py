@@ -1,5 +1,7 @@
 """An idle fine-tuning worker's memory: RSS and USS of `python -m moduleserve.server.jobs.worker`
-on an empty job queue, and which heavy packages its process has mapped.
+on an empty job queue, and which heavy packages its process has mapped; then the RSS of a
+whole `moduleserve-server --load-all` process tree (the server with the demo models loaded,
+plus its one idle job worker).
 
     .venv/bin/python -m bench.worker_idle [--runs 3] [--idle-s 3]
                                           [--out bench/results/worker_idle.json]
@@ -26,7 +28,7 @@ from typing import Any
 
 import psutil
 
-from bench.processes import MIB, ROOT, stop_process
+from bench.processes import MIB, ROOT, ProcessGroup, stop_process, wait_for_port
 from moduleserve.registry.api import Registry
 from moduleserve.registry.config import RegistrySettings
 from moduleserve.registry.demo.seed import seed_demo
@@ -84,6 +86,28 @@ def measure_once(env: dict[str, str], idle_s: float, dirs: dict[str, str]) -> di
             "mapped": mapped}  # fmt: skip
 
 
+def measure_server_tree(env: dict[str, str], idle_s: float, tmp: Path) -> dict[str, Any]:
+    """`moduleserve-server --load-all` with one job worker: RSS of each process once the
+    worker is ready and idle, and of the tree."""
+    port_file = tmp / "port"
+    cmd = [sys.executable, "-m", "moduleserve.server", "--load-all", "--grpc-port", "0"]
+    cmd += ["--metrics-port", "0", "--port-file", str(port_file), "--job-workers", "1"]
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_ready(proc, 120)  # the worker logs last: the models loaded before the port
+        if wait_for_port(port_file, proc, 60) is None:  # type: ignore[arg-type]
+            raise RuntimeError("the server did not write its port")
+        time.sleep(idle_s)
+        group = ProcessGroup(proc.pid)
+        each = {" ".join(p.cmdline()[1:3]): p.memory_info().rss / MIB for p in group.processes}
+        total = group.rss_mib()
+    finally:
+        stop_process(proc)  # type: ignore[arg-type]
+    return {"processes_rss_mib": each, "tree_rss_mib": total}
+
+
 def main() -> None:
     """Measure and print a table; write JSON."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -101,6 +125,7 @@ def main() -> None:
         env = {**os.environ, "MODULESERVE_DB": settings.database_url(),
                "MODULESERVE_STORE": str(settings.store)}  # fmt: skip
         runs = [measure_once(env, args.idle_s, dirs) for _ in range(args.runs)]
+        tree = measure_server_tree(env, args.idle_s, Path(tmp))
     print(f"{'run':>3} {'RSS MiB':>8} {'USS MiB':>8} {'ready s':>8}  mapped")
     for index, run in enumerate(runs, 1):
         print(
@@ -109,8 +134,13 @@ def main() -> None:
         )
     median = {k: statistics.median(r[k] for r in runs) for k in ("rss_mib", "uss_mib", "ready_s")}
     print(f"med {median['rss_mib']:>8.1f} {median['uss_mib']:>8.1f} {median['ready_s']:>8.2f}")
+    print("\nserver tree (--load-all: mynet, nested, mlp; one idle job worker)")
+    for name, rss in tree["processes_rss_mib"].items():
+        print(f"  {rss:>8.1f} MiB  {name}")
+    print(f"  {tree['tree_rss_mib']:>8.1f} MiB  total")
     report = {
         "runs": runs,
+        "server_tree": tree,
         "median": median,
         "idle_s": args.idle_s,
         "python": sys.version.split()[0],

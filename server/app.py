@@ -18,7 +18,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from moduleserve.client.client import split_ref
 from moduleserve.client.oip import OIP_SERVICE
 from moduleserve.client.pb import moduleserve_v1_pb2, moduleserve_v1_pb2_grpc, oip_v2_pb2
 from moduleserve.registry.api import Registry
@@ -31,6 +30,7 @@ from moduleserve.server.security import Authorizer, server_credentials
 from moduleserve.server.servicers.introspection import IntrospectionServicer
 from moduleserve.server.servicers.jobs import DatasetsServicer, JobsServicer
 from moduleserve.server.servicers.oip import InferenceServicer, oip_handler
+from moduleserve.server.startup import load_at_start, models_to_load
 from moduleserve.server.status import DecodeErrorInterceptor
 from moduleserve.server.workers import (
     PortInUseError,
@@ -137,9 +137,7 @@ class App:
         await self._start_metrics()
         await self.server.start()
         self.cache.start()
-        for ref in self.settings.preload:
-            model, version = split_ref(ref)
-            await self.cache.load(model, version)
+        await load_at_start(self.cache, await models_to_load(self.settings, self.registry))
         if self.settings.job_workers:
             self.job_workers.start()
         self.inference.ready = True
