@@ -114,8 +114,18 @@ class ServerSettings(JobWorkerSettings):
     memory_budget_mb: float = Field(4096, gt=0)
     """Weights the cache may hold; least recently used models are unloaded beyond it."""
 
+    load: list[str] = Field(default_factory=list)
+    """Models (`name`, `name:version` or `name:alias`) loaded and warmed up before the server
+    reports ready, instead of on their first request. A model that does not load fails the
+    start."""
+
+    load_all: bool = False
+    """Load every model of the registry at its default version (the default alias, else the
+    latest) before reporting ready, as Triton does by default."""
+
     preload: list[str] = Field(default_factory=list)
-    """Models (`name` or `name:version`) to load at start-up instead of on first request."""
+    """Deprecated: the former name of `load` (--preload, MODULESERVE_PRELOAD, `preload` in
+    moduleserve.toml), still added to it for this release."""
 
     alias_refresh_s: float = Field(2.0, gt=0)
     """How often aliases of loaded models are re-read, to pick up moves without a restart."""
@@ -127,8 +137,8 @@ class ServerSettings(JobWorkerSettings):
 
     lazy_load: bool = True
     """Load a model on its first inference request. Off (--no-lazy-load), only
-    RepositoryModelLoad (`moduleserve load`, which needs a token when tokens are set) and
-    --preload load models, so anonymous requests cannot load or evict any."""
+    RepositoryModelLoad (`moduleserve load`, which needs a token when tokens are set),
+    --load and --load-all load models, so anonymous requests cannot load or evict any."""
 
     shutdown_grace_s: float = Field(10.0, ge=0)
     """How long in-flight requests may finish after SIGTERM."""
@@ -154,6 +164,7 @@ class ServerSettings(JobWorkerSettings):
 
     @model_validator(mode="after")
     def _check(self) -> ServerSettings:
+        self.load = list(dict.fromkeys([*self.load, *self.preload]))
         self.tokens = [*self.tokens, *read_token_file(self.token_file, "--token-file")]
         self.read_tokens = [
             *self.read_tokens,

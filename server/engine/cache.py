@@ -140,7 +140,7 @@ class ModelCache:
     # -- loading and unloading -------------------------------------------------------------
 
     async def load(self, model: str, ref: str = "") -> LoadedModel:
-        """Explicit load (RepositoryModelLoad, --preload): loads whatever `lazy_load` says."""
+        """Explicit load (RepositoryModelLoad, --load): loads whatever `lazy_load` says."""
         return await self._get(model, ref, explicit=True)
 
     async def _ensure_loaded(self, version: Version, why: str = "") -> LoadedModel:

@@ -61,11 +61,11 @@ def test_sigterm_finishes_in_flight_requests_and_exits_zero(
     )
     demo_registry.push("slow", SlowNet(1.0).state_dict(), class_name="Slow")
     port_file = tmp_path / "port"
-    proc = start_server(demo_registry, port_file, "--preload", "slow")
+    proc = start_server(demo_registry, port_file, "--load", "slow")
     target = f"127.0.0.1:{port_file.read_text()}"
     results: list[np.ndarray] = []
     with ModelClient(target) as client:
-        assert client.ready("slow")  # --preload loaded it before the port file appeared
+        assert client.ready("slow")  # --load loaded it before the port file appeared
         client.metadata("slow")  # cached: the infer below goes straight to ModelInfer
         pending = threading.Thread(
             target=lambda: results.append(client.infer("slow", np.ones(2, np.float32)))

@@ -45,7 +45,7 @@ def slow_registry(demo_registry: Registry) -> Registry:
 
 @pytest.fixture(params=FRONT_ENDS)
 def slow_server(request: pytest.FixtureRequest, slow_registry: Registry) -> Iterator[Any]:
-    server = start(request.param, slow_registry, preload=["slow"])
+    server = start(request.param, slow_registry, load=["slow"])
     yield server
     server.stop()
 
@@ -190,7 +190,7 @@ def test_metrics_count_requests(frontend: str, demo_registry: Registry) -> None:
 def test_concurrent_calls_from_many_threads_all_answer(slow_registry: Registry) -> None:
     """Envoy multiplexes streams over one connection: many in flight at once, each answered
     with its own result (the rows are distinct, so a mix-up would show)."""
-    server = start("envoy", slow_registry, preload=["mynet"])
+    server = start("envoy", slow_registry, load=["mynet"])
     try:
         with grpc.insecure_channel(server.target) as channel:
             infer = channel.unary_unary(
@@ -217,7 +217,7 @@ def test_concurrent_calls_from_many_threads_all_answer(slow_registry: Registry) 
 
 @pytest.mark.parametrize("compute", ["auto", "thread"])
 def test_model_config_says_where_forward_passes_run(compute: str, demo_registry: Registry) -> None:
-    server = start("grpc", demo_registry, preload=["doubler"], compute=compute)
+    server = start("grpc", demo_registry, load=["doubler"], compute=compute)
     try:
         with grpc.insecure_channel(server.target) as channel:
             config = channel.unary_unary(
