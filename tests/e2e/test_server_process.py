@@ -183,3 +183,16 @@ def test_a_killed_servers_processes_do_not_outlive_it(
     for child in (envoy, job_worker):
         child.wait(timeout=15)  # raises TimeoutExpired if it lives on
         assert not child.is_running()
+
+
+def test_a_crashed_envoy_stops_the_server_with_a_sentence(
+    demo_registry: Registry, tmp_path: Path
+) -> None:
+    import psutil
+
+    proc = start_server(demo_registry, tmp_path / "port", "--job-workers", "0")
+    [envoy] = psutil.Process(proc.pid).children()
+    envoy.kill()  # as the kernel's OOM killer would
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1, output
+    assert f"error: Envoy (pid {envoy.pid}) exited with code -9" in output
