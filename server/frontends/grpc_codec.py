@@ -272,6 +272,9 @@ class _Call:
     async def reply(self, data: bytes) -> None:
         """A unary call's one response message and OK status."""
         self._started = self._finished = True
+        # From here on the stream ends because we end it: the watch must not take the end
+        # of the stream for a client going away, and cancel these very sends.
+        self.handled = True
         await self._send(_RESPONSE_START)
         await self._send(
             {"type": "http.response.body", "body": _PREFIX.pack(False, len(data)) + data}
@@ -281,7 +284,7 @@ class _Call:
     async def finish(self, code: grpc.StatusCode, details: str) -> None:
         if self._finished:
             return
-        self._finished = True
+        self._finished = self.handled = True  # as in reply
         await self._start()
         await self._send({"type": "http.response.body", "body": b"", "more_body": False})
         trailers = [(b"grpc-status", str(code.value[0]).encode())]
