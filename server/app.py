@@ -1,4 +1,4 @@
-"""The composition root: settings → registry → engine → servicers → gRPC server."""
+"""The grpc.aio front end (`--frontend grpc`) and `serve`, which runs the chosen front end."""
 
 from __future__ import annotations
 
@@ -13,25 +13,17 @@ from pathlib import Path
 
 import grpc
 import sqlalchemy as sa
-import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from moduleserve.client.client import split_ref
-from moduleserve.client.oip import OIP_SERVICE
-from moduleserve.client.pb import moduleserve_v1_pb2, moduleserve_v1_pb2_grpc, oip_v2_pb2
-from moduleserve.registry.api import Registry
+from moduleserve.client.pb import oip_v2_pb2
 from moduleserve.server.config import ServerSettings
-from moduleserve.server.dataplane import DataPlane
+from moduleserve.server.core import Core
 from moduleserve.server.engine.cache import ModelCache
-from moduleserve.server.engine.devices import DeviceExecutors, resolve_device
+from moduleserve.server.engine.devices import DeviceExecutors
 from moduleserve.server.jobs.supervisor import WorkerProcesses
 from moduleserve.server.metrics import EngineCollector, MetricsServer
-from moduleserve.server.security import Authorizer, server_credentials
-from moduleserve.server.servicers.introspection import IntrospectionServicer
-from moduleserve.server.servicers.jobs import DatasetsServicer, JobsServicer
-from moduleserve.server.servicers.oip import InferenceServicer, oip_handler
+from moduleserve.server.security import server_credentials
+from moduleserve.server.serve import banner, write_port_file
 from moduleserve.server.status import DecodeErrorInterceptor
 from moduleserve.server.workers import (
     PortInUseError,
@@ -47,7 +39,9 @@ OIP_PROTO_SERVICE = oip_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService
 
 
 class App:
-    """One running server: its registry, model cache, gRPC server and metrics endpoint."""
+    """One grpc.aio server over a `Core`, with its metrics endpoint and job workers.
+
+    The fallback front end (`--frontend grpc`), and the in-process server of the tests."""
 
     def __init__(
         self,
@@ -57,18 +51,11 @@ class App:
     ) -> None:
         self.settings = settings
         self.port_mode = port_mode
-        self.device = resolve_device(settings.device)
-        torch.set_num_threads(settings.torch_threads)
-        self.registry = Registry(settings)
-        self.executors = executors or DeviceExecutors()
-        self.health = health.aio.HealthServicer()
-        self.cache = ModelCache(
-            self.registry, settings, self.executors, self.device, on_status=self._model_status
-        )
-        self.auth = Authorizer(settings.tokens, settings.read_tokens)
+        self.core = Core(settings, executors)
+        self.registry = self.core.registry
+        self.cache = self.core.cache
+        self.device = self.core.device
         self.job_workers = WorkerProcesses(settings, settings.job_workers)
-        self.plane = DataPlane(self.cache, self.registry, self.auth)
-        self.inference = InferenceServicer(self.plane)
         self.server = self._build_server()
         self.port = 0
         self.metrics_port = 0
@@ -87,29 +74,7 @@ class App:
                 ("grpc.so_reuseport", int(self.port_mode != "own")),
             ],
         )
-        # Triton's wire name for existing clients, and our package's name for reflection users.
-        handler = oip_handler(self.inference)
-        server.add_generic_rpc_handlers([handler, _renamed(handler)])
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        moduleserve_v1_pb2_grpc.add_IntrospectionServicer_to_server(
-            IntrospectionServicer(self.registry, self.cache), server
-        )
-        self.jobs = JobsServicer(self.registry, self.auth)
-        moduleserve_v1_pb2_grpc.add_JobsServicer_to_server(self.jobs, server)
-        moduleserve_v1_pb2_grpc.add_DatasetsServicer_to_server(
-            DatasetsServicer(self.registry, self.auth), server
-        )
-        services = moduleserve_v1_pb2.DESCRIPTOR.services_by_name
-        names = [
-            OIP_SERVICE,
-            OIP_PROTO_SERVICE,
-            services["Introspection"].full_name,
-            services["Jobs"].full_name,
-            services["Datasets"].full_name,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ]
-        reflection.enable_server_reflection(names, server)
+        self.core.add_services(server)
         return server
 
     async def start(self) -> int:
@@ -128,25 +93,14 @@ class App:
             raise
 
     async def _start(self) -> int:
-        logger.info(
-            "registry: database %s, blob store %s%s",
-            redact_url(self.settings.database_url()),
-            self.settings.store.resolve(),
-            f" (settings from {self.settings.config_file})" if self.settings.config_file else "",
-        )
-        await asyncio.to_thread(self.registry.check_schema)
+        log_registry(self.settings)
+        await self.core.check()
         self._bind()
-        await self._start_metrics()
+        self._metrics, self.metrics_port = await start_metrics(self.settings, self.cache)
         await self.server.start()
-        self.cache.start()
-        for ref in self.settings.preload:
-            model, version = split_ref(ref)
-            await self.cache.load(model, version)
+        await self.core.start()
         if self.settings.job_workers:
             self.job_workers.start()
-        self.plane.ready = True
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set(OIP_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         logger.info(
             "gRPC listening on %s:%d (device %s)", self.settings.host, self.port, self.device
         )
@@ -170,40 +124,41 @@ class App:
         if self.port == 0:
             raise OSError(f"could not listen on {address}")
 
-    async def _start_metrics(self) -> None:
-        port = self.settings.metrics_port
-        if port is None:
-            return
-        registry = CollectorRegistry()
-        registry.register(EngineCollector(self.cache))
-        self._metrics = MetricsServer(registry)
-        try:
-            self.metrics_port = await self._metrics.start(self.settings.host, port)
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise PortInUseError(port, "--metrics-port (or --no-metrics)") from None
-            raise
-
-    async def _model_status(self, model: str, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        await self.health.set(model, status)
-
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let in-flight ones finish, then unload and release everything."""
-        self.plane.ready = False
-        self.jobs.closing.set()
-        await self.health.enter_graceful_shutdown()
+        await self.core.begin_shutdown()
         await self.server.stop(self.settings.shutdown_grace_s if grace is None else grace)
-        await self.cache.close()
+        await self.core.close()
         await self.job_workers.stop()
-        self.executors.shutdown()
         if self._metrics is not None:
             await self._metrics.close()
-        self.registry.close()
+
+
+def log_registry(settings: ServerSettings) -> None:
+    logger.info(
+        "registry: database %s, blob store %s%s",
+        redact_url(settings.database_url()),
+        settings.store.resolve(),
+        f" (settings from {settings.config_file})" if settings.config_file else "",
+    )
+
+
+async def start_metrics(
+    settings: ServerSettings, cache: ModelCache
+) -> tuple[MetricsServer | None, int]:
+    """The Prometheus endpoint on its own port (None, 0 with --no-metrics)."""
+    port = settings.metrics_port
+    if port is None:
+        return None, 0
+    registry = CollectorRegistry()
+    registry.register(EngineCollector(cache))
+    metrics = MetricsServer(registry)
+    try:
+        return metrics, await metrics.start(settings.host, port)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUseError(port, "--metrics-port (or --no-metrics)") from None
+        raise
 
 
 def redact_url(url: str) -> str:
@@ -214,28 +169,7 @@ def redact_url(url: str) -> str:
         return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
 
 
-def _renamed(handler: grpc.GenericRpcHandler) -> grpc.GenericRpcHandler:
-    """The same OIP methods under `moduleserve.oip.v2.GRPCInferenceService`."""
-    prefix = f"/{OIP_SERVICE}/"
-
-    class Renamed(grpc.GenericRpcHandler):
-        def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-            method = details.method
-            if not method.startswith(f"/{OIP_PROTO_SERVICE}/"):
-                return None
-            name = method.rsplit("/", 1)[1]
-            return handler.service(_Details(prefix + name, details.invocation_metadata))
-
-    return Renamed()
-
-
-class _Details(grpc.HandlerCallDetails):
-    def __init__(self, method: str, metadata: object) -> None:
-        self.method = method
-        self.invocation_metadata = metadata
-
-
-async def serve(
+async def serve_grpc(
     settings: ServerSettings,
     port_file: Path | None = None,
     workers: int = 1,
@@ -256,11 +190,9 @@ async def serve(
     try:  # whatever fails from here on, the server and its processes are stopped
         extra = start_workers(workers - 1, argv, port) if workers > 1 else []
         if port_file is not None:
-            tmp = port_file.with_suffix(".tmp")
-            tmp.write_text(str(port))
-            tmp.replace(port_file)  # readers never see a half-written number
+            write_port_file(port_file, port)
         models = await asyncio.to_thread(app.registry.checkpoints.list_models)
-        print(_banner(settings, port, app.metrics_port, [m.name for m in models]), flush=True)
+        print(banner(settings, port, app.metrics_port, [m.name for m in models]), flush=True)
         await stop.wait()
         logger.info(
             "shutting down: finishing in-flight requests (grace %.1fs)", settings.shutdown_grace_s
@@ -271,20 +203,3 @@ async def serve(
     if any(codes):
         raise RuntimeError(f"worker processes exited with {codes}")
     logger.info("stopped")
-
-
-def _banner(settings: ServerSettings, port: int, metrics_port: int, models: list[str]) -> str:
-    target = f"{settings.host}:{port}"
-    metrics = f"http://{settings.host}:{metrics_port}/metrics" if metrics_port else "off"
-    # A model this registry has (the demo's mynet when it is there), not one it may lack.
-    example = "mynet" if "mynet" in models else (models[0] if models else None)
-    infer = (
-        f"  moduleserve --target {target} infer {example} --random\n"
-        if example
-        else "  (no models yet: moduleserve-registry push NAME FILE --class CLASS)\n"
-    )
-    return (
-        f"moduleserve serving on {target} (metrics: {metrics}); try:\n"
-        f"  moduleserve --target {target} models\n{infer}"
-        "Ctrl-C stops it."
-    )

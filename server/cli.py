@@ -14,10 +14,10 @@ from pydantic import ValidationError
 
 from moduleserve.client.tables import version_text
 from moduleserve.registry.config import with_added
-from moduleserve.server.app import serve
 from moduleserve.server.config import BatchingSettings, ServerSettings, settings_error_text
 from moduleserve.server.engine.devices import resolve_device
 from moduleserve.server.logs import configure_logging
+from moduleserve.server.serve import serve
 from moduleserve.server.workers import JOIN_FLAG
 
 BATCHING_FLAGS = ("max_batch_size", "max_queue_delay_ms", "preferred_batch_sizes", "max_queue_size")
@@ -32,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = p.add_argument
     add("--version", action="version", version=version_text())
+    add(
+        "--frontend",
+        choices=["auto", "envoy", "grpc"],
+        help="envoy: gRPC and KServe V2 REST on one port; grpc: grpc.aio, gRPC only "
+        "(default auto: envoy when installed)",
+    )
     add("--host", help="listen address (default 127.0.0.1)")
     add("--grpc-port", type=int, help="gRPC port (default 8001; 0 picks a free one)")
     add("--metrics-port", type=int, help="Prometheus port (default 8002; 0 picks a free one)")

@@ -75,6 +75,11 @@ class ServerSettings(JobWorkerSettings):
     read_tokens: list[str] = Field(default_factory=list)
     """Bearer tokens accepted for reading jobs; empty: reading needs no token."""
 
+    frontend: Literal["auto", "envoy", "grpc"] = "auto"
+    """What speaks the wire: `envoy` (gRPC and KServe V2 REST on one port, HTTP/2 in
+    compiled code), `grpc` (grpc.aio: gRPC only, the fallback where Envoy's wheel does not
+    install), `auto` (Envoy when installed)."""
+
     host: str = "127.0.0.1"
     """Address to listen on; a non-loopback one needs tokens or --insecure."""
 

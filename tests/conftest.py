@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from moduleserve.registry.api import Registry
 from tests.helpers import (
+    EnvoyServer,
     ServerThread,
     postgres_schema,
     postgres_url,
@@ -78,9 +80,19 @@ def demo_registry(tmp_path: Path) -> Iterator[Registry]:
     reg.close()
 
 
+@pytest.fixture(params=["grpc", "envoy"])
+def served(request: pytest.FixtureRequest, demo_registry: Registry) -> Iterator[Any]:
+    """A real server on an ephemeral port over the demo registry, once per front end:
+    grpc.aio in this process (ServerThread) and Envoy as a child process (EnvoyServer)."""
+    settings = server_settings(demo_registry.settings.database_url(), demo_registry.settings.store)
+    server = ServerThread(settings) if request.param == "grpc" else EnvoyServer(settings)
+    yield server
+    server.stop()
+
+
 @pytest.fixture
-def served(demo_registry: Registry) -> Iterator[ServerThread]:
-    """A real server on an ephemeral port over the demo registry."""
+def served_inproc(demo_registry: Registry) -> Iterator[ServerThread]:
+    """The grpc.aio server in this process, for tests that look inside it (`.app`)."""
     settings = server_settings(demo_registry.settings.database_url(), demo_registry.settings.store)
     server = ServerThread(settings)
     yield server

@@ -213,3 +213,26 @@ class Cli:
         code, out, err = self("--json", *args)
         assert code == 0, err
         return json.loads(out)
+
+
+class EnvoyServer:
+    """The real server under its Envoy front end (pyvoy), on an ephemeral port: the same
+    `target` as ServerThread, for wire tests parametrized over front ends. Envoy runs as a
+    child process with the application inside; there is no in-process `app` to reach."""
+
+    def __init__(self, settings: object) -> None:
+        import asyncio
+
+        from moduleserve.server.frontends.envoy import EnvoyFrontEnd
+
+        self._front = EnvoyFrontEnd(settings, 1)  # type: ignore[arg-type]
+        self.port: int = asyncio.run(self._front.start(timeout=120))
+        self.metrics_port = self._front.metrics_port
+        self.target = f"127.0.0.1:{self.port}"
+        self.url = f"http://{self.target}"
+
+    def stop(self) -> None:
+        import asyncio
+
+        codes = asyncio.run(self._front.stop())
+        assert codes == [0], f"Envoy exited with {codes}"

@@ -31,7 +31,7 @@ from moduleserve.registry.demo.seed import seed_demo
 from moduleserve.registry.errors import InvalidInputError
 from moduleserve.registry.names import parse_ref
 from moduleserve.server.cli import build_parser, settings_from
-from tests.helpers import REPO, ServerThread, registry_settings, server_settings
+from tests.helpers import REPO, EnvoyServer, ServerThread, registry_settings, server_settings
 from tests.models import BrokenWarmup, Doubler
 
 Code = grpc.StatusCode
@@ -45,14 +45,17 @@ def start(registry: Registry, **overrides: object) -> ServerThread:
     )
 
 
-@pytest.fixture(scope="module")
-def probed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    """One server over the demo registry for the read-only probes below."""
+@pytest.fixture(scope="module", params=["grpc", "envoy"])
+def probed(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerThread | EnvoyServer]:
+    """One server over the demo registry for the read-only probes below, per front end."""
     tmp = tmp_path_factory.mktemp("probed")
     registry = Registry(registry_settings(f"sqlite:///{tmp / 'registry.db'}", tmp / "store"))
     registry.init()
     seed_demo(registry)
-    server = start(registry)
+    settings = server_settings(registry.settings.database_url(), registry.settings.store)
+    server = ServerThread(settings) if request.param == "grpc" else EnvoyServer(settings)
     yield server
     server.stop()
     registry.close()
@@ -167,7 +170,7 @@ def introspect(target: str, method: str, request: object) -> Any:
 
 @pytest.mark.parametrize(("case", "version"), BAD_VERSIONS, ids=[c for c, _ in BAD_VERSIONS])
 def test_a_bad_version_is_invalid_argument_in_every_rpc(
-    probed: ServerThread, case: str, version: str
+    probed: ServerThread | EnvoyServer, case: str, version: str
 ) -> None:
     for name, call in VERSIONED_CALLS:
         error = refused(lambda: call(probed.target, version))  # noqa: B023
@@ -218,7 +221,7 @@ def typed_request(shape: list[int]) -> pb.ModelInferRequest:
     ids=["zero beside overflow (raw)", "zero beside overflow (typed)", "stride overflow", "rank"],
 )
 def test_shapes_past_int64_are_refused_before_allocating(
-    probed: ServerThread, make: Callable[[], pb.ModelInferRequest], sentence: str
+    probed: ServerThread | EnvoyServer, make: Callable[[], pb.ModelInferRequest], sentence: str
 ) -> None:
     error = refused(
         lambda: unary(probed.target, method_path("ModelInfer"), make(), pb.ModelInferResponse)
@@ -242,7 +245,7 @@ HUGE = "9999999999999999999"
     ],
 )
 def test_huge_slice_steps_and_bounds_select_what_python_would(
-    probed: ServerThread, slices: str, index: tuple[object, ...]
+    probed: ServerThread | EnvoyServer, slices: str, index: tuple[object, ...]
 ) -> None:
     whole = introspect(
         probed.target, "GetTensor", v1.GetTensorRequest(model=ref(), name="conv.weight")
@@ -302,7 +305,7 @@ LONG = "é" * 10_000  # 20 kB of UTF-8, 60 kB once percent-encoded into a traile
     ids=["ModelInfer model", "ModelMetadata model", "GetModuleTree model", "tensor", "input"],
 )
 def test_long_names_are_refused_with_a_message_clients_receive(
-    probed: ServerThread, call: Callable[[str], object], code: Code, sentence: str
+    probed: ServerThread | EnvoyServer, call: Callable[[str], object], code: Code, sentence: str
 ) -> None:
     error = refused(lambda: call(probed.target))
     assert error.code() == code, error.details()
@@ -336,7 +339,7 @@ GARBAGE = b"\xff\xff\xff"
     ],
 )
 def test_undecodable_bytes_are_invalid_argument(
-    probed: ServerThread, method: str, kind: str
+    probed: ServerThread | EnvoyServer, method: str, kind: str
 ) -> None:
     with grpc.insecure_channel(probed.target) as channel:
         if kind == "unary":

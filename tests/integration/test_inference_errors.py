@@ -211,18 +211,18 @@ def with_timeout_us(request: pb.ModelInferRequest, microseconds: int) -> pb.Mode
     return request
 
 
-def test_expired_deadline_is_deadline_exceeded(served: ServerThread) -> None:
+def test_expired_deadline_is_deadline_exceeded(served_inproc: ServerThread) -> None:
     with pytest.raises(grpc.RpcError) as err:
-        call_infer(served.target, with_timeout_us(mynet_request(), 1))
+        call_infer(served_inproc.target, with_timeout_us(mynet_request(), 1))
     assert err.value.code() == Code.DEADLINE_EXCEEDED
     assert DEADLINE_SENTENCE in err.value.details()  # the server's sentence, not the client's
-    stats = served.app.cache.peek("mynet").batcher.stats()  # type: ignore[union-attr]
+    stats = served_inproc.app.cache.peek("mynet").batcher.stats()  # type: ignore[union-attr]
     assert (stats.rejected, stats.rows) == (1, 0)
-    assert_healthy_and_correct(served.target)
+    assert_healthy_and_correct(served_inproc.target)
 
 
 def test_deadline_passing_in_the_queue_is_never_computed(
-    demo_registry: object, served: ServerThread
+    demo_registry: object, served_inproc: ServerThread
 ) -> None:
     import threading
     import time
@@ -240,19 +240,19 @@ def test_deadline_passing_in_the_queue_is_never_computed(
     def slow_request() -> pb.ModelInferRequest:
         return mynet_request(shape=[1, 2], model="slow")
 
-    call_infer(served.target, slow_request())  # loaded, warm
-    batcher = served.app.cache.peek("slow").batcher  # type: ignore[union-attr]
-    busy = threading.Thread(target=call_infer, args=(served.target, slow_request()))
+    call_infer(served_inproc.target, slow_request())  # loaded, warm
+    batcher = served_inproc.app.cache.peek("slow").batcher  # type: ignore[union-attr]
+    busy = threading.Thread(target=call_infer, args=(served_inproc.target, slow_request()))
     busy.start()
     give_up = time.monotonic() + 10
     while not (batcher.stats().requests == 2 and batcher.stats().queued == 0):
         assert time.monotonic() < give_up, "the first request never reached the model"
         time.sleep(0.005)  # until the worker took it: a 0.3 s forward pass is running
     with pytest.raises(grpc.RpcError) as err:
-        call_infer(served.target, with_timeout_us(slow_request(), 100_000))
+        call_infer(served_inproc.target, with_timeout_us(slow_request(), 100_000))
     busy.join(timeout=10)
     assert err.value.code() == Code.DEADLINE_EXCEEDED
     assert DEADLINE_SENTENCE in err.value.details()
     stats = batcher.stats()
     assert stats.rows == 2 and stats.fail + stats.rejected == 1  # expired, never computed
-    assert_healthy_and_correct(served.target)
+    assert_healthy_and_correct(served_inproc.target)

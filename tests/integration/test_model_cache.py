@@ -30,15 +30,15 @@ def loaded(server: ServerThread) -> list[str]:
     return sorted(f"{m.name}:{m.version.version}" for m in server.app.cache.loaded())
 
 
-def test_lazy_load_then_explicit_unload(served: ServerThread) -> None:
-    with ModelClient(served.target) as client:
-        assert loaded(served) == []
+def test_lazy_load_then_explicit_unload(served_inproc: ServerThread) -> None:
+    with ModelClient(served_inproc.target) as client:
+        assert loaded(served_inproc) == []
         assert client.health("mynet") == "SERVICE_UNKNOWN"
         client.infer("mynet", np.zeros((3, 8, 8), np.float32))
-        assert loaded(served) == ["mynet:1"]
+        assert loaded(served_inproc) == ["mynet:1"]
         assert client.health("mynet") == "SERVING"
         client.unload("mynet")
-        assert loaded(served) == [] and not client.ready("mynet")
+        assert loaded(served_inproc) == [] and not client.ready("mynet")
         assert client.health("mynet") == "NOT_SERVING"
 
 

