@@ -72,7 +72,7 @@ Handler = Callable[["RestApp", Call], Awaitable[Reply]]
 class RestApp:
     """ASGI callable answering the V2 REST protocol for one DataPlane."""
 
-    def __init__(self, plane: DataPlane, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+    def __init__(self, plane: DataPlane, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
         self.plane = plane
         self.max_body_bytes = max_body_bytes
 
