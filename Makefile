@@ -25,8 +25,9 @@ demo: $(STAMP)
 	$(BIN)/moduleserve-registry demo
 
 # The demo server on 127.0.0.1:8001 (metrics on :8002), in the foreground until Ctrl-C.
+# --load-all: every model is loaded and warmed up before it says it is serving (as Triton).
 serve: demo
-	$(BIN)/moduleserve-server $(SERVE_ARGS)
+	$(BIN)/moduleserve-server --load-all $(SERVE_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -6,14 +6,16 @@ drives the real ``InferenceServicer.ModelInfer`` (request decoding, the model ca
 dynamic batcher, the compute thread, response encoding) with N closed-loop coroutines; no
 network, no gRPC.
 
-Each model runs twice per maximum batch size:
-- ``thread``: the server's own engine, forward passes on the device's compute thread;
-- ``inline``: a reference that runs the same batches on the event loop (an executor that
-  calls at once). The server never does this; the gap between the two rows is what handing
-  each batch to another thread and back costs on this machine (wake-ups and GIL handoffs).
+Each model runs once per maximum batch size, concurrency and ``--compute`` setting
+(``thread,inline,auto`` by default; the server's setting of that name):
+- ``thread``: forward passes on the device's compute thread;
+- ``inline``: forward passes on the event loop; the gap between the two rows is what handing
+  each batch to another thread and back costs on this machine (wake-ups and GIL handoffs);
+- ``auto``: what the server picks at load (the ``mode`` column) from the timed forward pass.
 
 Columns: req/s, process CPU per request, voluntary context switches per request (all
-threads), and mean rows per forward pass.
+threads), mean rows per forward pass, and where the model computed. Pin the process to
+one core (``taskset -c 0``) and pass ``--torch-threads 1`` to measure the one-core case.
 
 A second table times one single-sample forward pass after the thread slept for a gap
 (0 to 5 ms), in this process: the gap a lone request (N=1) leaves between passes. Writes
@@ -30,7 +32,6 @@ import platform
 import sys
 import tempfile
 import time
-from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import Any
 
@@ -41,28 +42,10 @@ from moduleserve.client.pb import oip_v2_pb2 as pb
 from moduleserve.registry.classes import build_module, import_class
 from moduleserve.server.app import App
 from moduleserve.server.config import ServerSettings
-from moduleserve.server.engine.devices import DeviceExecutors
 
 ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "bench" / "results" / "engine.json"
-
-
-class InlineExecutor(Executor):
-    """Runs each call at once on the caller's thread: the no-handoff reference."""
-
-    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
-        future: Future[Any] = Future()
-        try:
-            future.set_result(fn(*args, **kwargs))
-        except Exception as exc:  # the batcher reads it from the future, as from a thread
-            future.set_exception(exc)
-        return future
-
-
-class InlineExecutors(DeviceExecutors):
-    def for_device(self, device: torch.device) -> Any:
-        return InlineExecutor()
 
 
 class _Context:
@@ -120,7 +103,7 @@ async def drive(app: App, request: bytes, concurrency: int, seconds: float) -> d
 
 
 async def measure(
-    tmp: Path, model: str, max_batch: int, executor: str, args: argparse.Namespace
+    tmp: Path, model: str, max_batch: int, compute: str, concurrency: int, args: argparse.Namespace
 ) -> dict[str, Any]:
     """One row: a fresh App over the registry, the model loaded, then the closed loop."""
     settings = ServerSettings(
@@ -129,18 +112,28 @@ async def measure(
         allowed_class_prefixes=["moduleserve.registry.demo"],
         metrics_port=None,
         batching={"max_batch_size": max_batch, "max_queue_delay_ms": args.max_queue_delay_ms},
+        compute=compute,
+        torch_threads=args.torch_threads,
     )
-    app = App(settings, InlineExecutors() if executor == "inline" else None)
+    app = App(settings)
     app.cache.start()
     try:
-        await app.cache.load(model)
+        loaded = await app.cache.load(model)
         request = infer_request(MODELS[model])
-        row = await drive(app, request, args.concurrency, args.duration)
+        row = await drive(app, request, concurrency, args.duration)
     finally:
         await app.cache.close()
         app.executors.shutdown()
         app.registry.close()
-    return {"model": model, "max_batch": max_batch, "executor": executor, **row}
+    return {
+        "model": model,
+        "max_batch": max_batch,
+        "concurrency": concurrency,
+        "compute": compute,
+        "mode": loaded.compute,
+        "forward_ms": loaded.forward_ms,
+        **row,
+    }
 
 
 def forward_after_gap(model: str, gaps_ms: list[float], repeats: int = 200) -> dict[str, float]:
@@ -168,32 +161,45 @@ def forward_after_gap(model: str, gaps_ms: list[float], repeats: int = 200) -> d
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=3.0, help="measured seconds per row")
-    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--concurrency", default="1,64", help="comma-separated callers")
+    parser.add_argument("--compute", default="thread,inline,auto", help="comma-separated")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) // 2),
+        help="intra-op threads (default: the server's, half the cores)",
+    )
     parser.add_argument("--models", default="mynet,mlp")
-    parser.add_argument("--max-batch", default="1,8,64", help="comma-separated sizes")
+    parser.add_argument("--max-batch", default="32", help="comma-separated sizes")
     parser.add_argument("--max-queue-delay-ms", type=float, default=2.0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     models = args.models.split(",")
     sizes = [int(s) for s in args.max_batch.split(",")]
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))  # the server's default
+    callers = [int(n) for n in args.concurrency.split(",")]
+    computes = args.compute.split(",")
+    torch.set_num_threads(args.torch_threads)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"command: {' '.join([sys.executable, *sys.argv])}")
-    print(f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
-          f"torch {torch.__version__}, N={args.concurrency}")  # fmt: skip
+    print(f"{platform.machine()}, {os.cpu_count()} CPUs ({cpus} usable), python "
+          f"{platform.python_version()}, torch {torch.__version__}, "
+          f"torch threads {args.torch_threads}")  # fmt: skip
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp_name:
         tmp = Path(tmp_name)
         build_registry(tmp, [MODELS[m] for m in models])
-        print(f"{'model':6} {'max':>4} {'executor':8} {'req/s':>8} {'CPU us/req':>10} "
-              f"{'switches/req':>12} {'batch':>6}")  # fmt: skip
+        print(f"{'model':6} {'max':>4} {'N':>3} {'compute':7} {'mode':6} {'req/s':>8} "
+              f"{'CPU us/req':>10} {'switches/req':>12} {'batch':>6}")  # fmt: skip
         for model in models:
             for size in sizes:
-                for executor in ("thread", "inline"):
-                    row = asyncio.run(measure(tmp, model, size, executor, args))
-                    rows.append(row)
-                    print(f"{model:6} {size:4d} {executor:8} {row['rps']:8.0f} "
-                          f"{row['cpu_us_per_request']:10.1f} {row['switches_per_request']:12.2f} "
-                          f"{row['mean_batch']:6.1f}")  # fmt: skip
+                for n in callers:
+                    for compute in computes:
+                        row = asyncio.run(measure(tmp, model, size, compute, n, args))
+                        rows.append(row)
+                        print(f"{model:6} {size:4d} {n:3d} {compute:7} {row['mode']:6} "
+                              f"{row['rps']:8.0f} {row['cpu_us_per_request']:10.1f} "
+                              f"{row['switches_per_request']:12.2f} "
+                              f"{row['mean_batch']:6.1f}", flush=True)  # fmt: skip
     gaps = [0.0, 0.5, 2.0, 5.0]
     print("single-sample forward after an idle gap (median us, one thread):")
     print(f"{'model':6} " + " ".join(f"{f'{g:g} ms':>8}" for g in gaps))
@@ -202,7 +208,13 @@ def main(argv: list[str] | None = None) -> int:
         after_gap[model] = forward_after_gap(model, gaps)
         print(f"{model:6} " + " ".join(f"{v:8.0f}" for v in after_gap[model].values()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"argv": sys.argv, "rows": rows, "forward_after_gap_us": after_gap}
+    payload = {
+        "argv": sys.argv,
+        "torch_threads": args.torch_threads,
+        "usable_cpus": cpus,
+        "rows": rows,
+        "forward_after_gap_us": after_gap,
+    }
     args.out.write_text(json.dumps(payload, indent=2))
     print(f"wrote {args.out}")
     return 0

@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from moduleserve.client.errors import InvalidArgumentError, from_rpc_error
 from moduleserve.client.oip import method_path, oip_methods
 from moduleserve.client.pb import oip_v2_pb2 as pb
+from moduleserve.client.refs import split_ref  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     from moduleserve.client.jobs import DatasetInfo, JobsClient
@@ -296,13 +297,6 @@ class ModelClient:
         if len(parts) == 1:
             return parts[0], version
         return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}, version
-
-
-def split_ref(text: str) -> tuple[str, str]:
-    """ "mlp:2" → ("mlp", "2"); "mlp" → ("mlp", "") (the default version). The one place a
-    `MODEL[:VERSION|:ALIAS]` reference is split; nothing is checked here."""
-    model, _, version = text.partition(":")
-    return model, version
 
 
 @contextmanager

@@ -9,11 +9,10 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as distribution_version
 from typing import Any
 
 from moduleserve.client.errors import ModuleServeError, unreachable_sentence
+from moduleserve.client.version import package_version, version_text  # noqa: F401  (re-exported)
 
 # What a shell reports for a process stopped by SIGPIPE: `| head` closed the pipe early.
 EXIT_BROKEN_PIPE = 141
@@ -42,19 +41,6 @@ def human_bytes(size: int) -> str:
             return f"{amount:.0f} {unit}" if unit == "B" else f"{amount:.1f} {unit}"
         amount /= 1024
     return f"{size} B"
-
-
-def package_version() -> str:
-    """The installed moduleserve version ("0+unknown" when run from a tree never installed)."""
-    try:
-        return distribution_version("moduleserve")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
-def version_text() -> str:
-    """What `--version` prints: the program's name and the package version."""
-    return f"%(prog)s {package_version()}"
 
 
 def print_error(message: str, code: str, *, as_json: bool) -> None:

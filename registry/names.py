@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from moduleserve.client.client import split_ref
+from moduleserve.client.refs import split_ref
 from moduleserve.registry.errors import InvalidInputError, InvalidNameError, shorten
 
 # Names end up in file paths, URLs and CLI arguments: keep them to a safe alphabet.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,10 +16,11 @@ from pydantic import ValidationError
 from moduleserve.client.tables import version_text
 from moduleserve.registry.config import with_added
 from moduleserve.server.config import BatchingSettings, ServerSettings, settings_error_text
-from moduleserve.server.engine.devices import resolve_device
 from moduleserve.server.logs import configure_logging
 from moduleserve.server.serve import serve
 from moduleserve.server.workers import JOIN_FLAG
+
+logger = logging.getLogger(__name__)
 
 BATCHING_FLAGS = ("max_batch_size", "max_queue_delay_ms", "preferred_batch_sizes", "max_queue_size")
 
@@ -72,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", help="auto (default), cpu, cuda or cuda:N")
     add("--dtype", choices=["float32", "float16", "bfloat16"], help="inference precision")
     add(
+        "--compute",
+        choices=["auto", "inline", "thread"],
+        help="where forward passes run: auto (default: inline when measured under 1 ms), "
+        "inline on the event loop, or a compute thread",
+    )
+    add(
         "--torch-threads",
         type=int,
         help="intra-op threads of forward passes (default: half the cores)",
@@ -91,13 +99,27 @@ def build_parser() -> argparse.ArgumentParser:
         help='per-model batching, e.g. \'{"mlp": {"max_batch_size": 64}}\'',
     )
     add("--memory-budget-mb", type=float, help="weights kept loaded (default 4096)")
-    add("--preload", action="append", metavar="MODEL[:VERSION]", help="load at start-up")
+    add(
+        "--load",
+        action="append",
+        metavar="MODEL[:REF]",
+        help="load and warm up this model before reporting ready (repeatable; REF: a version "
+        "or alias, default: the default alias, else the latest)",
+    )
+    add(
+        "--load-all",
+        action="store_true",
+        default=None,
+        help="load every model of the registry (at its default version) before reporting ready",
+    )
+    # The former name of --load, kept for one release (a warning says so).
+    add("--preload", action="append", help=argparse.SUPPRESS)
     add(
         "--lazy-load",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="load a model on its first request (default); with --no-lazy-load only "
-        "`moduleserve load` and --preload load models",
+        "`moduleserve load`, --load and --load-all load models",
     )
     add("--alias-refresh-s", type=float, help="how often aliases are re-read (default 2)")
     add("--max-message-mb", type=int, help="gRPC message size limit (default 64)")
@@ -173,6 +195,15 @@ def _env_batching() -> BatchingSettings | None:
         return None
 
 
+def check_device(setting: str) -> None:
+    """Refuse a device this machine lacks. `auto` and `cpu` always exist: only a CUDA
+    setting needs torch, which this process otherwise never imports under Envoy."""
+    if setting not in ("auto", "cpu"):
+        from moduleserve.server.engine.devices import resolve_device
+
+        resolve_device(setting)
+
+
 def _int_list(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part.strip()]
 
@@ -190,11 +221,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: invalid settings: {settings_error_text(exc)}", file=sys.stderr)
         return 2
     try:
-        resolve_device(settings.device)  # before anything starts: a usage error, exit 2
+        check_device(settings.device)  # before anything starts: a usage error, exit 2
     except ValueError as exc:
         print(f"error: invalid settings: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    if settings.preload:
+        logger.warning(
+            "--preload (MODULESERVE_PRELOAD, preload in moduleserve.toml) is deprecated and "
+            "goes away in the next release: use --load (MODULESERVE_LOAD, load)"
+        )
     try:
         asyncio.run(serve(settings, args.port_file, args.workers, argv, args.join_port))
     except Exception as exc:  # start-up failures: one sentence, details in the log

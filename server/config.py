@@ -95,6 +95,12 @@ class ServerSettings(JobWorkerSettings):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """Floating-point precision of inference (half types only on CUDA)."""
 
+    compute: Literal["auto", "inline", "thread"] = "auto"
+    """Where forward passes run: `thread` on the device's compute thread; `inline` on the
+    event loop (no thread hand-off; it stalls everything else for a forward pass's length);
+    `auto` inline for a model whose forward pass at max_batch_size is measured at load to
+    be under 1 ms on CPU, else the thread (always the thread on CUDA)."""
+
     torch_threads: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 2) // 2), gt=0)
     """Intra-op threads of forward passes; the default leaves half the cores to gRPC, since
     torch's spinning worker threads otherwise starve the event loop on small machines."""
@@ -108,8 +114,18 @@ class ServerSettings(JobWorkerSettings):
     memory_budget_mb: float = Field(4096, gt=0)
     """Weights the cache may hold; least recently used models are unloaded beyond it."""
 
+    load: list[str] = Field(default_factory=list)
+    """Models (`name`, `name:version` or `name:alias`) loaded and warmed up before the server
+    reports ready, instead of on their first request. A model that does not load fails the
+    start."""
+
+    load_all: bool = False
+    """Load every model of the registry at its default version (the default alias, else the
+    latest) before reporting ready, as Triton does by default."""
+
     preload: list[str] = Field(default_factory=list)
-    """Models (`name` or `name:version`) to load at start-up instead of on first request."""
+    """Deprecated: the former name of `load` (--preload, MODULESERVE_PRELOAD, `preload` in
+    moduleserve.toml), still added to it for this release."""
 
     alias_refresh_s: float = Field(2.0, gt=0)
     """How often aliases of loaded models are re-read, to pick up moves without a restart."""
@@ -121,8 +137,8 @@ class ServerSettings(JobWorkerSettings):
 
     lazy_load: bool = True
     """Load a model on its first inference request. Off (--no-lazy-load), only
-    RepositoryModelLoad (`moduleserve load`, which needs a token when tokens are set) and
-    --preload load models, so anonymous requests cannot load or evict any."""
+    RepositoryModelLoad (`moduleserve load`, which needs a token when tokens are set),
+    --load and --load-all load models, so anonymous requests cannot load or evict any."""
 
     shutdown_grace_s: float = Field(10.0, ge=0)
     """How long in-flight requests may finish after SIGTERM."""
@@ -148,6 +164,7 @@ class ServerSettings(JobWorkerSettings):
 
     @model_validator(mode="after")
     def _check(self) -> ServerSettings:
+        self.load = list(dict.fromkeys([*self.load, *self.preload]))
         self.tokens = [*self.tokens, *read_token_file(self.token_file, "--token-file")]
         self.read_tokens = [
             *self.read_tokens,

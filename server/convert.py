@@ -86,6 +86,8 @@ DATATYPES: dict[str, Datatype] = {
 """OIP datatype name -> its row; the single source for every conversion below."""
 
 _BY_TORCH: dict[torch.dtype, Datatype] = {d.torch: d for d in DATATYPES.values() if d.torch}
+# Dtypes whose raw bytes numpy writes directly (bfloat16 needs a detour, see tensor_to_pb).
+_RAW_FAST = {d.torch: d.name for d in DATATYPES.values() if d.torch and d.numpy is not None}
 _CONTENT_FIELDS = tuple(sorted({d.field for d in DATATYPES.values() if d.field}))
 
 
@@ -124,15 +126,19 @@ def _render(shape: Sequence[int]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-def _check_shape(name: str, shape: tuple[int, ...]) -> None:
+def _check_shape(name: str, shape: tuple[int, ...]) -> int:
     """Refuse shapes no tensor can have, in exact integer arithmetic before anything is
-    allocated: torch computes strides from the non-zero sizes even when one size is 0."""
+    allocated: torch computes strides from the non-zero sizes even when one size is 0.
+    Returns the element count."""
     if len(shape) > MAX_RANK:
         raise InvalidTensorError(name, f"has {len(shape)} dimensions, more than {MAX_RANK}")
-    if any(d < 0 for d in shape):
+    if shape and min(shape) < 0:
         raise InvalidTensorError(name, f"shape {_render(shape)} has a negative dimension")
-    if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
+    count = math.prod(shape)
+    # With no zero size the count is that product; with one, the non-zero sizes' product.
+    if count > MAX_ELEMENTS or (count == 0 and math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS):
         raise InvalidTensorError(name, f"shape {_render(shape)} is too large for any tensor")
+    return count
 
 
 def tensor_from_pb(tensor: InferInputTensor, raw: bytes | None) -> torch.Tensor:
@@ -144,8 +150,7 @@ def tensor_from_pb(tensor: InferInputTensor, raw: bytes | None) -> torch.Tensor:
     name = tensor.name
     row, dtype = _row_for_input(name, tensor.datatype)
     shape = tuple(tensor.shape)
-    _check_shape(name, shape)
-    count = math.prod(shape)
+    count = _check_shape(name, shape)
     if raw is None:
         return _from_contents(name, row, shape, count, tensor.contents)
     if tensor.HasField("contents") and tensor.contents.ByteSize():
@@ -163,7 +168,9 @@ def _from_raw(
     if count == 0:
         return torch.empty(shape, dtype=dtype)
     buffer = raw if len(raw) >= _ZERO_COPY_MIN_BYTES else bytearray(raw)
-    result = torch.frombuffer(buffer, dtype=dtype).view(shape)
+    flat = torch.frombuffer(buffer, dtype=dtype)
+    # view(*shape) parses faster than view(shape); a 0-d shape needs the tuple form.
+    result = flat.view(*shape) if shape else flat.view(shape)
     # A bool byte other than 0 or 1 is undefined behaviour in torch kernels.
     if dtype is torch.bool and int(result.view(torch.uint8).max()) > 1:
         raise InvalidTensorError(name, "BOOL raw bytes must each be 0 or 1")
@@ -203,6 +210,10 @@ def _from_contents(
 def inputs_from_pb(request: pb.ModelInferRequest) -> dict[str, torch.Tensor]:
     """Decode every input of a request, pairing `raw_input_contents` with inputs by position."""
     raw = request.raw_input_contents
+    inputs = request.inputs
+    if len(raw) == 1 and len(inputs) == 1:  # the common request: one raw tensor
+        tensor = inputs[0]
+        return {tensor.name: tensor_from_pb(tensor, raw[0])}
     if raw and len(raw) != len(request.inputs):
         raise InvalidInputError(
             f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
@@ -252,6 +263,13 @@ def outputs_to_pb(
 ) -> None:
     """Append `outputs` to a response, all raw or all typed, as the OIP requires."""
     for name, tensor in outputs.items():
+        if raw and tensor.is_cpu and tensor.dtype in _RAW_FAST:
+            # The engine's outputs: host tensors of a numpy dtype. add() builds the entry in
+            # place (append would copy a message built aside).
+            response.outputs.add(name=name, datatype=_RAW_FAST[tensor.dtype], shape=tensor.shape)
+            host = tensor.detach() if tensor.requires_grad else tensor
+            response.raw_output_contents.append(host.numpy().tobytes())
+            continue
         out, data = tensor_to_pb(name, tensor, raw)
         response.outputs.append(out)
         if data is not None:

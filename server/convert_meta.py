@@ -36,7 +36,11 @@ def model_metadata_to_pb(model: Model, module_class: ModuleClass) -> pb.ModelMet
 
 
 def model_config_to_pb(
-    version: Version, module_class: ModuleClass, batching: BatchingSettings
+    version: Version,
+    module_class: ModuleClass,
+    batching: BatchingSettings,
+    compute: str = "",
+    forward_ms: float | None = None,
 ) -> pb.ModelConfigResponse:
     """ModelConfig in Triton's shape: dims exclude the batch dimension (max_batch_size > 0)."""
 
@@ -67,7 +71,12 @@ def model_config_to_pb(
         ("class_name", module_class.name),
         ("version", str(version.version)),
         ("digest", f"sha256:{version.digest}"),
+        # Loaded versions only: where forward passes run, and what decided it (compute=auto).
+        ("compute", compute),
+        ("forward_ms_at_max_batch", "" if forward_ms is None else f"{forward_ms:.3f}"),
     ):
+        if not value:
+            continue
         config.parameters[key].string_value = value
     return pb.ModelConfigResponse(config=config)
 

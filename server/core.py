@@ -17,7 +17,6 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from moduleserve.client.client import split_ref
 from moduleserve.client.oip import OIP_SERVICE
 from moduleserve.client.pb import moduleserve_v1_pb2, moduleserve_v1_pb2_grpc, oip_v2_pb2
 from moduleserve.registry.api import Registry
@@ -29,6 +28,7 @@ from moduleserve.server.security import Authorizer
 from moduleserve.server.servicers.introspection import IntrospectionServicer
 from moduleserve.server.servicers.jobs import DatasetsServicer, JobsServicer
 from moduleserve.server.servicers.oip import InferenceServicer, oip_handler
+from moduleserve.server.startup import load_at_start, models_to_load
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +96,7 @@ class Core:
     async def start(self) -> None:
         """Load what loads at start, then report ready."""
         self.cache.start()
-        for ref in self.settings.preload:
-            model, version = split_ref(ref)
-            await self.cache.load(model, version)
+        await load_at_start(self.cache, await models_to_load(self.settings, self.registry))
         self.plane.ready = True
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(OIP_SERVICE, health_pb2.HealthCheckResponse.SERVING)

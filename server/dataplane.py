@@ -63,6 +63,7 @@ class ModelConfig:
     version: Version
     module_class: ModuleClass
     batching: BatchingSettings
+    loaded: LoadedModel | None  # where its forward passes run, when loaded
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,8 @@ class DataPlane:
     async def model_config(self, model: str, ref: str = "") -> ModelConfig:
         require_name(model)
         version, module_class = await asyncio.to_thread(self._version_and_class, model, ref)
-        return ModelConfig(version, module_class, self.cache.settings.batching_for(model))
+        loaded = self.cache.peek(model, str(version.version))
+        return ModelConfig(version, module_class, self.cache.settings.batching_for(model), loaded)
 
     def _version_and_class(self, model: str, ref: str) -> tuple[Version, ModuleClass]:
         """Resolve a ref and fetch its class in one worker-thread hop (both hit the database)."""

@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 from datetime import UTC, datetime
+from typing import TextIO
 
 
 class JsonFormatter(logging.Formatter):
@@ -23,9 +24,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data)
 
 
-def configure_logging(level: str, fmt: str) -> None:
-    """Send logs to stderr in the chosen format; called once by the CLI entry point."""
-    handler = logging.StreamHandler(sys.stderr)
+def configure_logging(level: str, fmt: str, stream: TextIO | None = None) -> None:
+    """Send logs to stderr (or `stream`) in the chosen format; called once per process."""
+    handler = logging.StreamHandler(stream or sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

@@ -79,8 +79,9 @@ async def serve_envoy(settings: ServerSettings, port_file: Path | None, workers:
         while not stop.is_set() and not front.exited():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
-        if front.exited():
-            raise RuntimeError(f"an Envoy process exited on its own (codes {front.exited()})")
+        crashed = front.exited()
+        if crashed:
+            raise RuntimeError(crashed)
         logger.info(
             "shutting down: finishing in-flight requests (grace %.1fs)", settings.shutdown_grace_s
         )

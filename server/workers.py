@@ -12,6 +12,7 @@ it starts (told by the hidden `--join-port` flag) skip that check.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import signal
@@ -40,6 +41,17 @@ PARENT_ONLY = {
     "--job-workers": 1,
     JOIN_FLAG: 0,
 }
+
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def die_with_parent() -> None:
+    """A `preexec_fn` for child processes: SIGTERM the child when this process dies, even
+    by SIGKILL, so that no server or job worker lives on without its supervisor."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class PortInUseError(OSError):

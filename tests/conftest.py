@@ -99,9 +99,9 @@ def served_inproc(demo_registry: Registry) -> Iterator[ServerThread]:
     server.stop()
 
 
-@pytest.fixture
-def trainer(demo_registry: Registry) -> Iterator[ServerThread]:
-    """A server with one job worker process, over the demo registry (SQLite)."""
+@pytest.fixture(params=["grpc", "envoy"])
+def trainer(request: pytest.FixtureRequest, demo_registry: Registry) -> Iterator[Any]:
+    """A server with one job worker process, over the demo registry (SQLite), per front end."""
     settings = server_settings(
         demo_registry.settings.database_url(),
         demo_registry.settings.store,
@@ -110,6 +110,6 @@ def trainer(demo_registry: Registry) -> Iterator[ServerThread]:
         job_lease_s=3.0,
         max_message_mb=1,
     )
-    server = ServerThread(settings)
+    server = ServerThread(settings) if request.param == "grpc" else EnvoyServer(settings)
     yield server
     server.stop()

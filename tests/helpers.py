@@ -93,6 +93,7 @@ class ServerThread:
         self._thread.start()
         self.app: App = self.run(_make_app(settings))
         self.port: int = self.run(self.app.start())
+        self.metrics_port = self.app.metrics_port
         self.target = f"127.0.0.1:{self.port}"
 
     def run(self, coro: object, timeout: float = 60) -> object:
@@ -218,21 +219,41 @@ class Cli:
 class EnvoyServer:
     """The real server under its Envoy front end (pyvoy), on an ephemeral port: the same
     `target` as ServerThread, for wire tests parametrized over front ends. Envoy runs as a
-    child process with the application inside; there is no in-process `app` to reach."""
+    child process with the application inside (there is no in-process `app` to reach);
+    job workers, when the settings ask for them, are children of this process, as under
+    `moduleserve-server`."""
 
-    def __init__(self, settings: object) -> None:
+    def __init__(self, settings: Any, workers: int = 1) -> None:
         import asyncio
+        import threading
 
         from moduleserve.server.frontends.envoy import EnvoyFrontEnd
+        from moduleserve.server.jobs.supervisor import WorkerProcesses
 
-        self._front = EnvoyFrontEnd(settings, 1)  # type: ignore[arg-type]
-        self.port: int = asyncio.run(self._front.start(timeout=120))
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._front = EnvoyFrontEnd(settings, workers)
+        self._jobs = WorkerProcesses(settings, settings.job_workers)
+        self.port: int = self.run(self._front.start(timeout=120))
+        if settings.job_workers:
+            self._loop.call_soon_threadsafe(self._jobs.start)
         self.metrics_port = self._front.metrics_port
         self.target = f"127.0.0.1:{self.port}"
         self.url = f"http://{self.target}"
 
-    def stop(self) -> None:
+    def run(self, coro: Any, timeout: float = 150) -> Any:
         import asyncio
 
-        codes = asyncio.run(self._front.stop())
-        assert codes == [0], f"Envoy exited with {codes}"
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def stop(self) -> None:
+        """Drain and stop Envoy (and the job workers), then end the loop thread."""
+        try:
+            codes = self.run(self._front.stop())
+            self.run(self._jobs.stop())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=30)
+            self._loop.close()
+        assert not any(codes), f"Envoy exited with {codes}"

@@ -6,6 +6,11 @@ and form the next batch. Only when there is evidence of load (more than one
 request waiting, or the previous batch held more than one) does a batch wait
 for more arrivals, and never past `max_queue_delay_s` after its oldest request
 was queued. So batches grow with load and latency stays low without it.
+
+Where a batch computes (DESIGN.md): on a compute thread (an executor), with one
+cross-thread wake-up to start the batch and one to deliver its results; or, for a
+model whose forward pass is measured tiny, inline on the event loop (no executor),
+which saves both wake-ups and blocks the loop no longer than that forward pass.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ DURATION_BUCKETS_S: Final = (
 )  # fmt: skip
 """Upper bounds of the duration histograms, in seconds; one more bucket holds the rest."""
 _BOUNDS_NS: Final = tuple(round(bound * 1e9) for bound in DURATION_BUCKETS_S)
+# The same bounds on time.monotonic()'s scale (seconds), for the per-request histograms.
+_BOUNDS_S: Final = tuple(bound / 1e9 for bound in _BOUNDS_NS)
 
 
 def duration_bucket(ns: int) -> int:
@@ -89,7 +96,7 @@ def split(
                 "forward() must return one row per input row along dimension 0"
             )
     if len(sizes) == 1:
-        return [dict(outputs)]
+        return [outputs if type(outputs) is dict else dict(outputs)]
     parts = {name: tensor.split(list(sizes)) for name, tensor in outputs.items()}
     return [{name: parts[name][index] for name in parts} for index in range(len(sizes))]
 
@@ -101,7 +108,7 @@ def _leading_size(inputs: Mapping[str, torch.Tensor]) -> int:
     return next(iter(inputs.values())).shape[0]
 
 
-def _signature(inputs: Mapping[str, torch.Tensor]) -> tuple[int, Hashable]:
+def signature_of(inputs: Mapping[str, torch.Tensor]) -> tuple[int, Hashable]:
     """Rows and merge key of a request: names, dtypes and shapes beyond dim 0 must agree."""
     rows = -1
     parts = []
@@ -122,21 +129,34 @@ def _signature(inputs: Mapping[str, torch.Tensor]) -> tuple[int, Hashable]:
     return rows, tuple(parts)
 
 
-@dataclass(slots=True, eq=False)
 class _Request:
-    """One queued request; ordered by (priority level, arrival) for the heap."""
+    """One queued request. The heap holds (priority level, arrival, request) tuples, which
+    compare in C; arrival numbers are unique, so requests themselves are never compared."""
 
-    level: int
-    seq: int
-    inputs: Mapping[str, torch.Tensor]
-    rows: int
-    signature: Hashable
-    future: asyncio.Future[dict[str, torch.Tensor]]
-    deadline: float | None
-    enqueued: float
+    __slots__ = ("deadline", "enqueued", "future", "inputs", "level", "rows", "seq", "signature")
 
-    def __lt__(self, other: _Request) -> bool:
-        return (self.level, self.seq) < (other.level, other.seq)
+    def __init__(
+        self,
+        level: int,
+        seq: int,
+        inputs: Mapping[str, torch.Tensor],
+        rows: int,
+        signature: Hashable,
+        future: asyncio.Future[dict[str, torch.Tensor]],
+        deadline: float | None,
+        enqueued: float,
+    ) -> None:
+        self.level = level
+        self.seq = seq
+        self.inputs = inputs
+        self.rows = rows
+        self.signature = signature
+        self.future = future
+        self.deadline = deadline
+        self.enqueued = enqueued
+
+
+_Entry = tuple[int, int, _Request]
 
 
 @dataclass(frozen=True)
@@ -215,15 +235,20 @@ K = TypeVar("K", bound=Hashable)
 _BatchResult = tuple[list[dict[str, torch.Tensor]], tuple[int, int, int]]
 
 
-def _run_batch(compute: Compute, requests: list[Mapping[str, torch.Tensor]]) -> _BatchResult:
-    """Collate, forward and split on the device thread; returns outputs and the three timings."""
+def _run_batch(compute: Compute, requests: Sequence[_Request]) -> _BatchResult:
+    """Collate, forward and split (on the compute thread, or inline); returns the outputs
+    and the three timings. Requests of one batch share a signature: the same input names."""
     start = time.perf_counter_ns()
     with torch.inference_mode():
-        batch, sizes = collate(requests)
+        first = requests[0].inputs
+        if len(requests) == 1:
+            batch = first
+        else:
+            batch = {name: torch.cat([r.inputs[name] for r in requests]) for name in first}
         collated = time.perf_counter_ns()
-        outputs = compute(batch)
+        outputs = compute(batch)  # type: ignore[arg-type]
         computed = time.perf_counter_ns()
-        results = split(outputs, sizes)
+        results = split(outputs, [r.rows for r in requests])
     return results, (collated - start, computed - collated, time.perf_counter_ns() - computed)
 
 
@@ -245,19 +270,21 @@ def _check_options(
 
 
 class DynamicBatcher:
-    """Batches one model's requests along dim 0 and runs them off the event loop.
+    """Batches one model's requests along dim 0 and runs them as one forward pass each.
 
     Lifecycle is explicit: `start()` on a running loop, then `infer()` from any
     coroutine on that loop, then `await stop()`. Priority follows Triton: a
     lower number runs first and 0 means `default_priority_level`. Requests whose
-    input names, dtypes or shapes beyond dim 0 differ are never merged.
+    input names, dtypes or shapes beyond dim 0 differ are never merged. With an
+    `executor`, forward passes run on its thread; with None, inline on the loop (only
+    for forward passes short enough not to hold up everything else on it).
     """
 
     def __init__(
         self,
         name: str,
         compute: Compute,
-        executor: Executor,
+        executor: Executor | None,
         *,
         max_batch_size: int = 32,
         max_queue_delay_s: float = 0.0,
@@ -274,7 +301,7 @@ class DynamicBatcher:
         self.default_priority_level = default_priority_level
         self._compute = compute
         self._executor = executor
-        self._heap: list[_Request] = []
+        self._heap: list[_Entry] = []
         self._seq = itertools.count()
         self._counters = _Counters()
         # Safe outside a loop since Python 3.10: an Event binds to its loop on first wait.
@@ -283,19 +310,24 @@ class DynamicBatcher:
         # requests queued to fill it: a wake-up per arrival costs a task switch each.
         self._wake_at_queued = 1
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._inflight: list[_Request] = []
         self._last_batch_requests = 0
         self._accepting = False
         self._closing = False
         self._draining = False
 
+    @property
+    def inline(self) -> bool:
+        """Whether forward passes run on the event loop rather than a compute thread."""
+        return self._executor is None
+
     def start(self) -> None:
         """Start the worker task on the running event loop."""
         if self._task is not None or self._closing:
             raise RuntimeError(f"batcher of model {self.name!r} can only be started once")
-        self._task = asyncio.get_running_loop().create_task(
-            self._run(), name=f"batcher[{self.name}]"
-        )
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._run(), name=f"batcher[{self.name}]")
         self._accepting = True
 
     async def stop(self, *, drain: bool = False) -> None:
@@ -331,27 +363,44 @@ class DynamicBatcher:
         """
         if not self._accepting:
             raise ModelNotReadyError(self.name, reason="is not accepting requests (not running)")
-        rows, signature = _signature(inputs)
+        rows, signature = signature_of(inputs)
         if rows > self.max_batch_size:
             raise InvalidTensorError(
                 next(iter(inputs)),
                 f"has {rows} rows, more than max_batch_size {self.max_batch_size}",
             )
+        return await self.submit(inputs, rows, signature, deadline=deadline, priority=priority)
+
+    async def submit(
+        self,
+        inputs: Mapping[str, torch.Tensor],
+        rows: int,
+        signature: Hashable,
+        *,
+        deadline: float | None = None,
+        priority: int = 0,
+    ) -> dict[str, torch.Tensor]:
+        """`infer` for a request its caller already checked: `rows` (1 to max_batch_size)
+        and `signature` must be what `signature_of(inputs)` returns."""
+        if not self._accepting:
+            raise ModelNotReadyError(self.name, reason="is not accepting requests (not running)")
         if priority < 0:
             raise InvalidInputError(f"priority must be >= 0, got {priority}")
+        heap, counters = self._heap, self._counters
         now = time.monotonic()
         if deadline is not None and deadline <= now:
-            self._counters.rejected += 1
+            counters.rejected += 1
             raise DeadlineExceededError(self.name)
-        if len(self._heap) >= self.max_queue_size:
-            self._counters.rejected += 1
-            raise QueueFullError(self.name, len(self._heap))
-        future: asyncio.Future[dict[str, torch.Tensor]] = asyncio.get_running_loop().create_future()
-        level = priority or self.default_priority_level
-        request = _Request(level, next(self._seq), inputs, rows, signature, future, deadline, now)
-        heapq.heappush(self._heap, request)
-        self._counters.requests += 1
-        if len(self._heap) >= self._wake_at_queued:
+        if len(heap) >= self.max_queue_size:
+            counters.rejected += 1
+            raise QueueFullError(self.name, len(heap))
+        assert self._loop is not None  # set by start(), which _accepting implies
+        future: asyncio.Future[dict[str, torch.Tensor]] = self._loop.create_future()
+        level, seq = priority or self.default_priority_level, next(self._seq)
+        request = _Request(level, seq, inputs, rows, signature, future, deadline, now)
+        heapq.heappush(heap, (level, seq, request))
+        counters.requests += 1
+        if len(heap) >= self._wake_at_queued:
             self._wakeup.set()
         return await future
 
@@ -413,22 +462,25 @@ class DynamicBatcher:
     def _prune(self, batch: list[_Request]) -> None:
         """Drop requests that expired or were cancelled while the batch waited for more."""
         now = time.monotonic()
-        for request in list(batch):
+        keep = []
+        for request in batch:
             if request.future.done():
                 self._counters.cancelled += 1
             elif request.deadline is not None and request.deadline <= now:
                 self._fail([request], DeadlineExceededError(self.name))
             else:
-                continue
-            batch.remove(request)
+                keep.append(request)
+        if len(keep) != len(batch):
+            batch[:] = keep
 
     def _take(self, batch: list[_Request], rows: int) -> int:
         """Move waiting requests that match the batch's signature into it; returns its rows."""
         heap, skipped = self._heap, []
         signature = batch[0].signature if batch else None
+        limit = self.max_batch_size
         now = time.monotonic()
         while heap:
-            request = heap[0]
+            request = heap[0][2]
             if request.future.done():  # cancelled: the caller went away
                 heapq.heappop(heap)
                 self._counters.cancelled += 1
@@ -437,14 +489,15 @@ class DynamicBatcher:
                 self._fail([request], DeadlineExceededError(self.name))
             elif signature is not None and request.signature != signature:
                 skipped.append(heapq.heappop(heap))
-            elif rows + request.rows > self.max_batch_size:
+            elif rows + request.rows > limit:
                 break
             else:
                 signature = request.signature
-                batch.append(heapq.heappop(heap))
+                heapq.heappop(heap)
+                batch.append(request)
                 rows += request.rows
-        for request in skipped:
-            heapq.heappush(heap, request)
+        for entry in skipped:
+            heapq.heappush(heap, entry)
         return rows
 
     def _should_wait(self, rows: int, loaded: bool) -> bool:
@@ -491,42 +544,69 @@ class DynamicBatcher:
                 cut = index
         if cut == 0 or cut == len(batch):
             return batch
-        for request in batch[cut:]:
-            heapq.heappush(self._heap, request)
+        for request in batch[cut:]:  # back in the queue in their old place
+            heapq.heappush(self._heap, (request.level, request.seq, request))
         del batch[cut:]
         return batch
 
     async def _execute(self, batch: list[_Request]) -> None:
-        """Run one batch on the executor and resolve every request's future."""
+        """Run one batch (inline or on the compute thread) and resolve every request's future."""
         started = time.monotonic()
         self._last_batch_requests = len(batch)
-        loop = asyncio.get_running_loop()
         try:
-            results, timings = await loop.run_in_executor(
-                self._executor, _run_batch, self._compute, [request.inputs for request in batch]
-            )
+            if self._executor is None:
+                results, timings = _run_batch(self._compute, batch)
+            else:
+                results, timings = await self._on_thread(self._executor, batch)
         except Exception as exc:  # the model's failure is every request's failure
             self._fail(batch, exc)
-            return
-        self._record_batch(batch, started, timings)
-        for request, outputs in zip(batch, results, strict=True):
-            if not request.future.done():
-                request.future.set_result(outputs)
+        else:
+            self._record_batch(batch, started, timings)
+            for request, outputs in zip(batch, results, strict=True):
+                if not request.future.done():
+                    request.future.set_result(outputs)
+        if self._executor is None:
+            # An inline batch held the loop: let everything else run (callers, health checks,
+            # other models) before the next one; answered callers that ask again join it.
+            await asyncio.sleep(0)
+
+    async def _on_thread(self, executor: Executor, batch: list[_Request]) -> _BatchResult:
+        """`_run_batch` on the compute thread: one wake-up there, one call back here.
+
+        Leaner than `run_in_executor`, which chains a concurrent future to an asyncio
+        one (two more futures and their callbacks per batch)."""
+        loop = self._loop
+        assert loop is not None
+        done: asyncio.Future[_BatchResult] = loop.create_future()
+        compute = self._compute
+
+        def job() -> None:
+            try:
+                result: _BatchResult | BaseException = _run_batch(compute, batch)
+            except BaseException as exc:  # delivered to the loop, like any executor would
+                result = exc
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
+                loop.call_soon_threadsafe(_settle, done, result)
+
+        executor.submit(job)
+        return await done
 
     def _record_batch(
         self, batch: list[_Request], started: float, timings: tuple[int, int, int]
     ) -> None:
         """Add one successful batch to the counters (histograms: one increment per request)."""
         c, now = self._counters, time.monotonic()
-        rows = 0
+        queue_buckets, request_buckets = c.queue_buckets, c.request_buckets
+        rows, enqueued_sum = 0, 0.0
         for request in batch:
             rows += request.rows
-            queue_ns = int((started - request.enqueued) * 1e9)
-            total_ns = int((now - request.enqueued) * 1e9)
-            c.queue_ns += queue_ns
-            c.success_ns += total_ns
-            c.queue_buckets[duration_bucket(queue_ns)] += 1
-            c.request_buckets[duration_bucket(total_ns)] += 1
+            enqueued = request.enqueued
+            enqueued_sum += enqueued
+            queue_buckets[bisect_left(_BOUNDS_S, started - enqueued)] += 1
+            request_buckets[bisect_left(_BOUNDS_S, now - enqueued)] += 1
+        count = len(batch)
+        c.queue_ns += int((started * count - enqueued_sum) * 1e9)
+        c.success_ns += int((now * count - enqueued_sum) * 1e9)
         c.compute_buckets[duration_bucket(timings[1])] += 1
         c.batch_sizes[rows] += 1
         c.batch_infer_ns[rows] += timings[1]
@@ -534,7 +614,7 @@ class DynamicBatcher:
         c.compute_infer_ns += timings[1]
         c.compute_output_ns += timings[2]
         c.rows += rows
-        c.success += len(batch)
+        c.success += count
         c.last_inference_ms = time.time_ns() // 1_000_000  # wall clock: a timestamp, not a window
 
     def _fail(self, requests: list[_Request], error: BaseException) -> None:
@@ -549,7 +629,19 @@ class DynamicBatcher:
     def _fail_queued(self) -> None:
         """Fail every queued request: the batcher is stopping without draining."""
         queued, self._heap = self._heap, []
-        self._fail(queued, ModelNotReadyError(self.name, reason="was stopped"))
+        self._fail(
+            [entry[2] for entry in queued], ModelNotReadyError(self.name, reason="was stopped")
+        )
+
+
+def _settle(future: asyncio.Future[_BatchResult], result: _BatchResult | BaseException) -> None:
+    """On the loop: hand a compute thread's outcome to the waiting worker (if it still waits)."""
+    if future.done():  # the worker was cancelled (stop() timed out)
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
 
 
 class StatsLedger(Generic[K]):

@@ -8,6 +8,7 @@ import gc
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import torch
@@ -22,11 +23,16 @@ from moduleserve.server.config import BatchingSettings, ServerSettings
 from moduleserve.server.engine.batcher import DynamicBatcher, StatsLedger
 from moduleserve.server.engine.devices import (
     HALF_TYPES,
+    ComputeMode,
     DeviceExecutors,
+    choose_compute,
+    forward_once,
     make_compute,
     module_nbytes,
+    time_forward,
 )
 from moduleserve.server.engine.load_errors import SEE_LOG, LoadFailure, load_error
+from moduleserve.server.engine.plan import InputPlan
 from moduleserve.server.errors import ModelLoadingError, ModelNotReadyError
 
 logger = logging.getLogger(__name__)
@@ -49,6 +55,9 @@ class LoadedModel:
     batching: BatchingSettings
     device: torch.device
     nbytes: int
+    plan: InputPlan  # the specs, parsed once: what each request is checked against
+    compute: ComputeMode = "thread"  # where its forward passes run
+    forward_ms: float | None = None  # measured at load at max_batch_size rows (compute=auto)
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
 
@@ -131,7 +140,7 @@ class ModelCache:
     # -- loading and unloading -------------------------------------------------------------
 
     async def load(self, model: str, ref: str = "") -> LoadedModel:
-        """Explicit load (RepositoryModelLoad, --preload): loads whatever `lazy_load` says."""
+        """Explicit load (RepositoryModelLoad, --load): loads whatever `lazy_load` says."""
         return await self._get(model, ref, explicit=True)
 
     async def _ensure_loaded(self, version: Version, why: str = "") -> LoadedModel:
@@ -177,10 +186,16 @@ class ModelCache:
         )
         executor = self._executors.for_device(self.device)
         await self._warm_up(name, version, module_class, compute, executor)
+        forward_s = None
+        if self.settings.compute == "auto" and self.device.type == "cpu":
+            forward_s = await self._time_forward(
+                name, version, module_class, compute, executor, batching.max_batch_size
+            )
+        mode, choice = choose_compute(self.settings.compute, self.device, forward_s)
         batcher = DynamicBatcher(
             f"{name}:{version.version}",
             compute,
-            executor,
+            executor if mode == "thread" else None,
             max_batch_size=batching.max_batch_size,
             max_queue_delay_s=batching.max_queue_delay_ms / 1000,
             preferred_batch_sizes=batching.preferred_batch_sizes,
@@ -196,6 +211,9 @@ class ModelCache:
             batching,
             self.device,
             module_nbytes(module),
+            InputPlan(name, module_class, batching.max_batch_size),
+            mode,
+            None if forward_s is None else forward_s * 1000,
         )
         self._models[(name, version.version)] = loaded
         self.ledger.track((name, version.version), batcher)
@@ -208,6 +226,16 @@ class ModelCache:
             loaded.nbytes,
             time.perf_counter() - started,
             f": {why}" if why else "",
+        )
+        logger.info(
+            "%s:%d computes %s (%s%s)",
+            name,
+            version.version,
+            "inline" if mode == "inline" else "on its compute thread",
+            ""
+            if forward_s is None
+            else f"forward {forward_s * 1000:.2f} ms at batch {batching.max_batch_size}, ",
+            choice,
         )
         await self._notify(name)
         return loaded
@@ -238,15 +266,10 @@ class ModelCache:
         executor: object,
     ) -> None:
         """One forward on zeros, so the first real request pays no one-time costs."""
-        inputs = {
-            spec.name: torch.zeros(
-                [1 if d == -1 else d for d in spec.shape], dtype=parse_dtype(spec.dtype)
-            )
-            for spec in module_class.inputs
-        }
+        inputs = _zeros(module_class, 1)
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(executor, compute, inputs)  # type: ignore[arg-type]
+            await loop.run_in_executor(executor, forward_once, compute, inputs)  # type: ignore[arg-type]
             return
         except Exception as exc:  # user code failed on its own declared input spec
             logger.warning(
@@ -256,6 +279,35 @@ class ModelCache:
         raise ModelLoadingError(
             name, str(version.version), f"failed its warm-up forward pass ({SEE_LOG})"
         )
+
+    async def _time_forward(
+        self,
+        name: str,
+        version: Version,
+        module_class: ModuleClass,
+        compute: Callable[..., object],
+        executor: Executor,
+        rows: int,
+    ) -> float | None:
+        """Median forward pass at `rows` rows on the compute thread (so a slow model never
+        stalls the loop while it is timed); None when it fails (the thread then computes)."""
+        inputs = _zeros(module_class, rows)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                executor,
+                time_forward,
+                compute,  # type: ignore[arg-type]
+                inputs,
+            )
+        except Exception as exc:  # the warm-up passed at one row: load it, do not guess
+            logger.warning(
+                "%s:%d failed its timed forward pass at %d rows",
+                name,
+                version.version,
+                rows,
+                exc_info=exc,
+            )
+            return None
 
     async def _make_room(self, version: Version) -> None:
         """Evict least recently used models until the new checkpoint fits the budget."""
@@ -372,6 +424,18 @@ class ModelCache:
         await self._settle_loads()
         for loaded in list(self._models.values()):
             await self._drop(loaded, "server stopping")
+
+
+def _zeros(module_class: ModuleClass, rows: int) -> dict[str, torch.Tensor]:
+    """Zero inputs of the class's specs: `rows` rows where dimension 0 is free, 1 for any
+    other free dimension."""
+    return {
+        spec.name: torch.zeros(
+            [rows if i == 0 and d == -1 else 1 if d == -1 else d for i, d in enumerate(spec.shape)],
+            dtype=parse_dtype(spec.dtype),
+        )
+        for spec in module_class.inputs
+    }
 
 
 def _mover(ref: str, version: Version, default_alias: str) -> str:

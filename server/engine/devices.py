@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
 
 import torch
 from torch import nn
@@ -11,6 +14,21 @@ from torch import nn
 Compute = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 HALF_TYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+ComputeMode = Literal["inline", "thread"]
+
+INLINE_MAX_FORWARD_S = 0.001
+"""`compute=auto` runs a model inline on the event loop when its forward pass at
+max_batch_size takes less than this. Handing a batch to the compute thread and back costs
+about 45 us of CPU on one core and a thread wake-up each way (bench.engine, one request at a
+time: MyNet 151 vs 105 us per request, MLP 618 vs 572): most of a 20-100 us forward pass,
+under a twentieth of a 1 ms one, where inline stops paying. Inline, a forward pass holds the
+loop (every other request, health checks) for its whole length: 1 ms is a delay no client
+notices, yet several times the batch-32 forward passes of the models that gain most (MyNet
+about 0.2 ms here)."""
+
+TIMING_REPEATS = 5
+"""Timed forward passes at load under `compute=auto`; their median decides."""
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -52,6 +70,48 @@ class DeviceExecutors:
         self._executors.clear()
 
 
+def choose_compute(
+    setting: str, device: torch.device, forward_s: float | None
+) -> tuple[ComputeMode, str]:
+    """Where a model's forward passes run, and why (for the log): `setting` is the
+    server's `compute`; `forward_s` the measured forward pass at max_batch_size, if any."""
+    if setting in ("inline", "thread"):
+        return setting, f"--compute {setting}"  # type: ignore[return-value]
+    if device.type != "cpu":
+        # A GPU forward pass waits for the device: never on the loop.
+        return "thread", f"on {device}"
+    if forward_s is None:
+        return "thread", "forward pass not timed"
+    verdict = "under" if forward_s < INLINE_MAX_FORWARD_S else "not under"
+    mode: ComputeMode = "inline" if forward_s < INLINE_MAX_FORWARD_S else "thread"
+    return mode, f"{verdict} {INLINE_MAX_FORWARD_S * 1000:g} ms"
+
+
+def time_forward(compute: Compute, inputs: Mapping[str, torch.Tensor]) -> float:
+    """Median seconds of up to TIMING_REPEATS forward passes (on the calling thread).
+
+    Stops as soon as most passes were too slow for inline (the median is then decided), or
+    one took ten times the limit (no noise explains that): a large model's load need not pay
+    for the rest."""
+    times: list[float] = []
+    slow = 0
+    with torch.inference_mode():
+        for _ in range(TIMING_REPEATS):
+            start = time.perf_counter()
+            compute(inputs)
+            times.append(time.perf_counter() - start)
+            slow += times[-1] >= INLINE_MAX_FORWARD_S
+            if slow > TIMING_REPEATS // 2 or times[-1] >= 10 * INLINE_MAX_FORWARD_S:
+                break
+    return statistics.median(times)
+
+
+def forward_once(compute: Compute, inputs: Mapping[str, torch.Tensor]) -> None:
+    """One forward pass as the batcher runs it (the warm-up)."""
+    with torch.inference_mode():
+        compute(inputs)
+
+
 def make_compute(
     module: nn.Module,
     input_names: Sequence[str],
@@ -59,7 +119,8 @@ def make_compute(
     device: torch.device,
     half: torch.dtype | None = None,
 ) -> Compute:
-    """A function from named CPU input tensors to named CPU outputs, run in eval mode.
+    """A function from named CPU input tensors to named CPU outputs, run in eval mode;
+    call it under `torch.inference_mode()` (entering it costs each batch a few us).
 
     On CUDA, inputs go through pinned host memory with non-blocking copies, and
     floating-point inputs are cast to `half` when the model runs in half precision;
@@ -77,8 +138,7 @@ def make_compute(
 
     def compute(inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         args = [to_device(inputs[name]) for name in input_names]
-        with torch.inference_mode():
-            result = module(*args)
+        result = module(*args)  # callers hold torch.inference_mode (the batcher, warm_up)
         outputs = result if isinstance(result, tuple | list) else (result,)
         if len(outputs) != len(output_names):
             raise RuntimeError(

@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from moduleserve.server.frontends.envoy import LOG_FD_ENV, SETTINGS_ENV, STATE_ENV
 from moduleserve.server.frontends.grpc_codec import (
     GrpcCodec,
     HandlerTable,
@@ -30,9 +31,6 @@ from moduleserve.server.frontends.grpc_codec import (
 )
 
 logger = logging.getLogger(__name__)
-
-SETTINGS_ENV = "MODULESERVE_FRONTEND_SETTINGS"
-STATE_ENV = "MODULESERVE_FRONTEND_STATE"
 
 
 class ServerApplication:
@@ -80,7 +78,9 @@ class ServerApplication:
         from moduleserve.server.logs import configure_logging
 
         settings = ServerSettings.model_validate_json(Path(os.environ[SETTINGS_ENV]).read_text())
-        configure_logging(settings.log_level, settings.log_format)
+        fd = os.environ.get(LOG_FD_ENV)
+        stream = os.fdopen(int(fd), "w", buffering=1) if fd else None
+        configure_logging(settings.log_level, settings.log_format, stream)
         log_registry(settings)
         core = self._core = Core(settings)
         await core.check()

@@ -24,11 +24,19 @@ from pathlib import Path
 from typing import Any
 
 from moduleserve.server.config import ServerSettings
-from moduleserve.server.frontends.asgi import SETTINGS_ENV, STATE_ENV
+from moduleserve.server.workers import die_with_parent
 
 logger = logging.getLogger(__name__)
 
+
 APP = "moduleserve.server.frontends.asgi:app"
+# The application's inputs and outputs: the settings file it reads, the state file it writes.
+SETTINGS_ENV = "MODULESERVE_FRONTEND_SETTINGS"
+STATE_ENV = "MODULESERVE_FRONTEND_STATE"
+# A descriptor of the launcher's stderr, for the application's log lines: Envoy's own
+# output (stdout, stderr, its log) goes to a file, so that a failed start reads as one
+# sentence rather than Envoy's dump of its configuration.
+LOG_FD_ENV = "MODULESERVE_FRONTEND_LOG_FD"
 
 
 class EnvoyStartError(RuntimeError):
@@ -90,6 +98,7 @@ class EnvoyProcess:
         self._settings_file = workdir / f"settings-{index}.json"
         self._state_file = workdir / f"state-{index}.json"
         self._admin_file = workdir / f"admin-{index}.txt"
+        self.log_file = workdir / f"envoy-{index}.log"
         self._process: subprocess.Popen[bytes] | None = None
         self._admin = ""
         self.state: dict[str, Any] = {}
@@ -103,11 +112,13 @@ class EnvoyProcess:
         fd = os.open(self._settings_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as out:
             out.write(self.settings.model_dump_json())
+        log_fd = os.dup(2)
         env = {
             **os.environ,
             **get_envoy_environ(),
             SETTINGS_ENV: str(self._settings_file),
             STATE_ENV: str(self._state_file),
+            LOG_FD_ENV: str(log_fd),
         }
         config = envoy_config(self.settings, self.port, self.reuse_port)
         args = [
@@ -126,7 +137,19 @@ class EnvoyProcess:
             "--drain-strategy",
             "immediate",
         ]
-        self._process = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL)
+        try:
+            with self.log_file.open("ab") as envoy_log:
+                self._process = subprocess.Popen(
+                    args,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=envoy_log,
+                    stderr=envoy_log,
+                    pass_fds=(log_fd,),
+                    preexec_fn=die_with_parent,
+                )
+        finally:
+            os.close(log_fd)
 
     @property
     def pid(self) -> int:
@@ -158,7 +181,17 @@ class EnvoyProcess:
             error = json.loads(self._state_file.read_text()).get("error")
         except (OSError, ValueError):
             error = None
-        return error or f"Envoy exited with code {code} (its log above says why)"
+        return error or f"Envoy exited with code {code}: {self.last_log_line()}"
+
+    def last_log_line(self) -> str:
+        """Envoy's last error, without its timestamp prefix (its configuration cut off)."""
+        try:
+            lines = self.log_file.read_text(errors="replace").splitlines()
+        except OSError:
+            return "no log"
+        errors = [line for line in lines if "][critical][" in line or "][error][" in line]
+        last = (errors or lines or ["no log"])[-1]
+        return last.rsplit("] ", 1)[-1][:300]
 
     def _admin_get(self, path: str, method: str = "GET") -> str:
         request = urllib.request.Request(f"http://{self._admin}{path}", method=method)
@@ -249,9 +282,15 @@ class EnvoyFrontEnd:
             await process.wait_ready(timeout)
         return self.port
 
-    def exited(self) -> list[int]:
-        """Exit codes of processes that stopped on their own."""
-        return [code for p in self.processes if (code := p.exit_code()) is not None]
+    def exited(self) -> str | None:
+        """Why a process stopped on its own, or None while all of them run."""
+        for process in self.processes:
+            code = process.exit_code()
+            if code is not None:
+                return (
+                    f"Envoy (pid {process.pid}) exited with code {code}: {process.last_log_line()}"
+                )
+        return None
 
     async def stop(self) -> list[int]:
         """Drain every process, then stop them; returns their exit codes."""

@@ -15,6 +15,7 @@ import logging
 import struct
 import time
 import urllib.parse
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
@@ -44,6 +45,10 @@ class _Abort(grpc.aio.AbortError):
         super().__init__(details)
         self.code = code
         self.details = details
+
+
+class _ClientGone(Exception):
+    """The client reset the stream or closed the connection while we read its request."""
 
 
 class HandlerTable:
@@ -82,23 +87,26 @@ class GrpcContext:
     """The part of `grpc.aio.ServicerContext` our handlers use, over one HTTP/2 stream."""
 
     def __init__(
-        self, metadata: tuple[tuple[str, str | bytes], ...], deadline: float | None, peer: str
+        self, headers: list[tuple[bytes, bytes]], deadline: float | None, scope: Scope
     ) -> None:
-        self._metadata = metadata
+        self._headers = headers
+        self._metadata: tuple[tuple[str, str | bytes], ...] | None = None
         self._deadline = deadline
-        self._peer = peer
+        self._scope = scope
         self.code: grpc.StatusCode | None = None
         self.details = ""
         self.writer: Callable[[Any], Awaitable[None]] | None = None
 
     def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        if self._metadata is None:  # parsed on first use: most calls never look
+            self._metadata = _metadata(self._headers)
         return self._metadata
 
     def time_remaining(self) -> float | None:
         return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
 
     def peer(self) -> str:
-        return self._peer
+        return _peer(self._scope)
 
     async def abort(self, code: grpc.StatusCode, details: str = "", *_: Any) -> None:
         raise _Abort(code, details)
@@ -130,88 +138,126 @@ class GrpcCodec:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         method = scope["path"]
         headers = scope["headers"]
-        call = _Call(send)
+        call = _Call(send, receive)
         try:
             handler = self.table.lookup(method)
             if handler is None:
                 raise _Abort(grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {method}")
-            context = GrpcContext(_metadata(headers), _deadline(headers), _peer(scope))
-            await self._run(handler, context, _Reader(receive, self.max_message_bytes), call)
+            context = GrpcContext(headers, _deadline(headers), scope)
+            reader = _Reader(receive, self.max_message_bytes)
+            try:
+                async with asyncio.timeout(context.time_remaining()):
+                    if handler.request_streaming or handler.response_streaming:
+                        await self._stream(handler, context, reader, call)
+                    else:
+                        await self._unary(handler, context, reader, call)
+            except TimeoutError:
+                raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
         except _Abort as abort:
             await call.finish(abort.code, abort.details)
+        except _ClientGone:  # nobody listens any more: nothing to send
+            return
         except asyncio.CancelledError:
-            if call.cancelled_by_client:  # nobody listens any more: nothing to send
+            if call.cancelled_by_client:  # as above, noticed by the call's watch
                 return
             raise
+        except Exception as exc:  # a bug of ours: the client gets a sentence, the log the rest
+            request_id = uuid.uuid4().hex[:16]
+            logger.error("internal error in %s (request id %s)", method, request_id, exc_info=exc)
+            await call.finish(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
+        finally:
+            call.done()
 
-    async def _run(self, handler: Any, context: GrpcContext, reader: _Reader, call: _Call) -> None:
-        remaining = context.time_remaining()
-        watcher = asyncio.current_task()
-        assert watcher is not None
+    async def _unary(
+        self, handler: Any, context: GrpcContext, reader: _Reader, call: _Call
+    ) -> None:
+        """The hot path (every inference call): one message in, one out, three sends."""
+        request = handler.request_deserializer(await reader.single())
+        call.watch_after(DISCONNECT_WATCH_AFTER_S)
+        response = await handler.unary_unary(request, context)
+        if context.code in (None, grpc.StatusCode.OK):
+            await call.reply(handler.response_serializer(response))
+        else:
+            await call.finish(context.code, context.details)
+
+    async def _stream(
+        self, handler: Any, context: GrpcContext, reader: _Reader, call: _Call
+    ) -> None:
         encode = handler.response_serializer
-        decode = handler.request_deserializer
 
         async def write(message: Any) -> None:
             await call.message(encode(message))
 
         context.writer = write
-        try:
-            async with asyncio.timeout(remaining):
-                if handler.request_streaming:
-                    requests = reader.stream(decode)
-                    # Client streams end with the body, so a disconnect surfaces in the reader.
-                    await self._respond(handler, requests, context, call)
-                else:
-                    request = decode(await reader.single())
-                    # Held on the call: the loop keeps only weak references to tasks.
-                    call.watcher = asyncio.create_task(reader.wait_disconnect(watcher, call))
-                    await self._respond(handler, request, context, call)
-        except TimeoutError:
-            raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
-        finally:
-            # Not cancelled: the server resolves its pending receive() when the stream ends,
-            # and a cancelled one would make it log an error. It returns on its own then.
-            call.handled = True
-        await call.finish(context.code or grpc.StatusCode.OK, context.details)
-
-    async def _respond(self, handler: Any, request: Any, context: GrpcContext, call: _Call) -> None:
+        if handler.request_streaming:
+            # Client streams end with the body, so a disconnect surfaces in the reader.
+            request: Any = reader.stream(handler.request_deserializer)
+        else:
+            request = handler.request_deserializer(await reader.single())
+            call.watch_after(0.0)  # streams are long: watch for the client going away
         if handler.response_streaming:
             behavior = handler.stream_stream if handler.request_streaming else handler.unary_stream
             produced = behavior(request, context)
             if isinstance(produced, AsyncIterator):
                 async for message in produced:
-                    await context.write(message)
+                    await write(message)
             else:  # a handler that writes through context.write and returns None
                 await produced
-            return
-        behavior = handler.stream_unary if handler.request_streaming else handler.unary_unary
-        response = await behavior(request, context)
-        if context.code in (None, grpc.StatusCode.OK):
-            await call.message(handler.response_serializer(response))
+        else:
+            response = await handler.stream_unary(request, context)
+            if context.code in (None, grpc.StatusCode.OK):
+                await write(response)
+        await call.finish(context.code or grpc.StatusCode.OK, context.details)
+
+
+# A unary call that answers within this never pays for watching its stream (a pending
+# receive() per call cost about a fifth of a small model's request); one that takes longer
+# (queued, or a slow model) is cancelled when its client goes away.
+DISCONNECT_WATCH_AFTER_S = 0.02
 
 
 class _Call:
-    """The response side of one stream: headers once, framed messages, then trailers."""
+    """The response side of one stream: headers once, framed messages, then trailers; and
+    the watch that cancels the call's task when the client goes away."""
 
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, receive: Receive) -> None:
         self._send = send
+        self._receive = receive
         self._started = False
         self._finished = False
+        self._task = asyncio.current_task()
+        self._timer: asyncio.TimerHandle | None = None
+        self._watcher: asyncio.Task[None] | None = None  # held: the loop keeps weak refs
         self.cancelled_by_client = False
         self.handled = False
-        self.watcher: asyncio.Task[None] | None = None
+
+    def watch_after(self, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(delay, self._start_watch)
+
+    def _start_watch(self) -> None:
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        # Never cancelled: the server resolves this pending receive() when the stream ends,
+        # and one cancelled under it makes it log an error. It returns on its own then.
+        while True:
+            event = await self._receive()
+            if event["type"] == "http.disconnect":
+                if not self.handled and self._task is not None:
+                    self.cancelled_by_client = True
+                    self._task.cancel()
+                return
+
+    def done(self) -> None:
+        self.handled = True
+        if self._timer is not None:
+            self._timer.cancel()
 
     async def _start(self) -> None:
         if not self._started:
             self._started = True
-            await self._send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [(b"content-type", b"application/grpc")],
-                    "trailers": True,
-                }
-            )
+            await self._send(_RESPONSE_START)
 
     async def message(self, data: bytes) -> None:
         await self._start()
@@ -222,6 +268,15 @@ class _Call:
                 "more_body": True,
             }
         )
+
+    async def reply(self, data: bytes) -> None:
+        """A unary call's one response message and OK status."""
+        self._started = self._finished = True
+        await self._send(_RESPONSE_START)
+        await self._send(
+            {"type": "http.response.body", "body": _PREFIX.pack(False, len(data)) + data}
+        )
+        await self._send(_OK_TRAILERS)
 
     async def finish(self, code: grpc.StatusCode, details: str) -> None:
         if self._finished:
@@ -236,6 +291,19 @@ class _Call:
         await self._send(
             {"type": "http.response.trailers", "headers": trailers, "more_trailers": False}
         )
+
+
+_RESPONSE_START = {
+    "type": "http.response.start",
+    "status": 200,
+    "headers": [(b"content-type", b"application/grpc")],
+    "trailers": True,
+}
+_OK_TRAILERS = {
+    "type": "http.response.trailers",
+    "headers": [(b"grpc-status", b"0")],
+    "more_trailers": False,
+}
 
 
 class _Reader:
@@ -254,7 +322,7 @@ class _Reader:
                 return False
             event = await self._receive()
             if event["type"] == "http.disconnect":
-                raise asyncio.CancelledError
+                raise _ClientGone
             self._buffer += event.get("body", b"")
             self._ended = not event.get("more_body", False)
         return True
@@ -266,6 +334,47 @@ class _Reader:
                 raise _Abort(grpc.StatusCode.INTERNAL, "the request ended inside a message prefix")
             return None
         compressed, length = _PREFIX.unpack_from(self._buffer)
+        self._check(compressed, length)
+        if not await self._fill(_PREFIX.size + length):
+            raise _Abort(grpc.StatusCode.INTERNAL, "the request ended inside a message")
+        data = bytes(self._buffer[_PREFIX.size : _PREFIX.size + length])
+        del self._buffer[: _PREFIX.size + length]
+        return data
+
+    async def single(self) -> bytes:
+        """The one message of a unary request."""
+        if not self._buffer and not self._ended:
+            event = await self._receive()
+            if event["type"] == "http.disconnect":
+                raise _ClientGone
+            body = event.get("body", b"")
+            if not event.get("more_body", False):  # the usual case: the body in one piece
+                self._ended = True
+                return self._only_message(body)
+            self._buffer += body
+        data = await self.next()
+        if data is None:
+            raise _Abort(grpc.StatusCode.UNIMPLEMENTED, "the request carries no message")
+        if await self.next() is not None:
+            raise _Abort(grpc.StatusCode.UNIMPLEMENTED, "a unary request carries one message")
+        return data
+
+    def _only_message(self, body: bytes) -> bytes:
+        """The message of a complete body that must hold exactly one."""
+        if len(body) < _PREFIX.size:
+            if body:
+                raise _Abort(grpc.StatusCode.INTERNAL, "the request ended inside a message prefix")
+            raise _Abort(grpc.StatusCode.UNIMPLEMENTED, "the request carries no message")
+        compressed, length = _PREFIX.unpack_from(body)
+        self._check(compressed, length)
+        end = _PREFIX.size + length
+        if len(body) < end:
+            raise _Abort(grpc.StatusCode.INTERNAL, "the request ended inside a message")
+        if len(body) > end:
+            raise _Abort(grpc.StatusCode.UNIMPLEMENTED, "a unary request carries one message")
+        return body[_PREFIX.size :]
+
+    def _check(self, compressed: bool, length: int) -> None:
         if compressed:
             raise _Abort(
                 grpc.StatusCode.UNIMPLEMENTED,
@@ -276,34 +385,10 @@ class _Reader:
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"Received message larger than max ({length} vs. {self._limit})",
             )
-        if not await self._fill(_PREFIX.size + length):
-            raise _Abort(grpc.StatusCode.INTERNAL, "the request ended inside a message")
-        data = bytes(self._buffer[_PREFIX.size : _PREFIX.size + length])
-        del self._buffer[: _PREFIX.size + length]
-        return data
-
-    async def single(self) -> bytes:
-        """The one message of a unary request."""
-        data = await self.next()
-        if data is None:
-            raise _Abort(grpc.StatusCode.UNIMPLEMENTED, "the request carries no message")
-        if await self.next() is not None:
-            raise _Abort(grpc.StatusCode.UNIMPLEMENTED, "a unary request carries one message")
-        return data
 
     async def stream(self, decode: Callable[[bytes], Any]) -> AsyncIterator[Any]:
         while (data := await self.next()) is not None:
             yield decode(data)
-
-    async def wait_disconnect(self, task: asyncio.Task[Any], call: _Call) -> None:
-        """Cancel `task` when the client goes away (a reset stream or a closed connection)."""
-        while True:
-            event = await self._receive()
-            if event["type"] == "http.disconnect":
-                if not call.handled:
-                    call.cancelled_by_client = True
-                    task.cancel()
-                return
 
 
 def _metadata(headers: list[tuple[bytes, bytes]]) -> tuple[tuple[str, str | bytes], ...]:

@@ -11,9 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
-import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,61 +24,10 @@ from moduleserve.registry.jobs import JobResult
 from moduleserve.registry.jobspec import JobSpec
 from moduleserve.registry.orm import utcnow
 from moduleserve.server.jobs.data import train_data_from
+from moduleserve.server.jobs.lease import LeaseKeeper, Outcome, end_stopped
 from moduleserve.server.jobs.training import EpochEnd, Progress, TrainResult, fine_tune
 
 logger = logging.getLogger(__name__)
-
-
-class LeaseKeeper:
-    """Renews the job's lease from a thread and tells the training loop when to stop:
-    cancel requested, lease lost to another worker, or the worker shutting down."""
-
-    def __init__(
-        self,
-        registry: Registry,
-        job_id: str,
-        worker: str,
-        lease_s: float,
-        shutdown: threading.Event,
-    ) -> None:
-        self._jobs, self._job_id, self._worker = registry.jobs, job_id, worker
-        self._lease_s, self._shutdown = lease_s, shutdown
-        # Cancel must stop a job within 2 s: look at least twice a second.
-        self._interval = min(0.5, lease_s / 3)
-        self._done = threading.Event()
-        self.stop_reason: str | None = None
-        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
-
-    def __enter__(self) -> LeaseKeeper:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join()
-
-    @property
-    def stop_requested(self) -> bool:
-        """Whether training should stop now."""
-        return self.stop_reason is not None
-
-    def _run(self) -> None:
-        renewed = time.monotonic()
-        while not self._done.wait(self._interval):
-            if self._shutdown.is_set() and self.stop_reason is None:
-                self.stop_reason = "shutdown"  # the worker is stopping: hand the job back
-            try:
-                lease = self._jobs.renew(self._job_id, self._worker, self._lease_s)
-            except Exception as exc:  # the database is briefly unreachable: keep trying
-                logger.warning("job %s: lease renewal failed (%s)", self._job_id, exc)
-                if time.monotonic() - renewed > self._lease_s:
-                    self.stop_reason = "lost"  # another worker may hold it by now
-                continue
-            renewed = time.monotonic()
-            if not lease.held:
-                self.stop_reason = "lost"
-            elif lease.cancel_requested and self.stop_reason is None:
-                self.stop_reason = "cancel"
 
 
 class JobHooks:
@@ -115,14 +62,6 @@ class JobHooks:
     def should_stop(self) -> bool:
         """Cancel asked, lease lost or worker stopping."""
         return self._keeper.stop_requested
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How a run ended, for the worker's log."""
-
-    state: str
-    detail: str
 
 
 def run_job(
@@ -169,14 +108,10 @@ def _train(
 def _conclude(
     registry: Registry, job: Job, worker: str, keeper: LeaseKeeper, result: TrainResult
 ) -> Outcome:
-    if keeper.stop_reason == "lost":
-        return Outcome("lost", "another worker holds the job now; nothing was registered")
-    if keeper.stop_reason == "shutdown":
-        registry.jobs.release(job.id, worker, f"{worker} stopped; the job waits for a worker")
-        return Outcome("queued", "handed back to the queue")
+    if keeper.stop_reason in ("lost", "shutdown"):
+        return end_stopped(registry, job.id, worker, keeper.stop_reason)
     if result.cancelled:
-        registry.jobs.finish(job.id, worker, "cancelled", "cancelled on request")
-        return Outcome("cancelled", "cancelled on request")
+        return end_stopped(registry, job.id, worker, "cancel")
     digest, size = _result_weights(registry, job, result)
     job_result = JobResult(
         digest=digest,

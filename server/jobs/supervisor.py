@@ -17,6 +17,7 @@ import sys
 import time
 
 from moduleserve.server.config import ServerSettings
+from moduleserve.server.workers import die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class WorkerProcesses:
             "--parent-pid",
             str(os.getpid()),
         ]
-        return subprocess.Popen(args, env=self._env)
+        return subprocess.Popen(args, env=self._env, preexec_fn=die_with_parent)
 
     async def _supervise(self) -> None:
         while True:

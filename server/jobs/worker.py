@@ -3,6 +3,12 @@
 It runs at a lower CPU priority and with its own torch thread count, so that a server on
 the same machine keeps its inference latency while a job trains. SIGTERM or SIGINT hands
 the running job back to the queue (another worker resumes it from its last epoch) and exits.
+
+An idle worker has not imported torch: it loads torch and the training code when it claims
+its first job (see `Training`), so a server's worker that never trains costs the memory of a
+database client (about 70 MiB RSS here, `python -m bench.worker_idle`) instead of torch's
+(about 345 MiB). Only a `--device` other than `auto` or `cpu` imports torch at start, to check
+that the machine has it.
 """
 
 from __future__ import annotations
@@ -16,19 +22,21 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from pydantic import ValidationError
 
-from moduleserve.client.tables import version_text
+from moduleserve.client.version import version_text
 from moduleserve.registry.api import Registry
 from moduleserve.registry.config import with_added
+from moduleserve.registry.entities import Job
 from moduleserve.registry.errors import RegistryError
-from moduleserve.server.config import WorkerSettings, settings_error_text
-from moduleserve.server.engine.devices import resolve_device
-from moduleserve.server.jobs.runner import run_job
+from moduleserve.server.config import JobWorkerSettings, WorkerSettings, settings_error_text
+from moduleserve.server.jobs.lease import LeaseKeeper, Outcome, end_stopped
 from moduleserve.server.logs import configure_logging
+
+if TYPE_CHECKING:  # imported on the first claim (`Training.load`), never by an idle worker
+    import torch
 
 logger = logging.getLogger("moduleserve.server.jobs.worker")  # also when run as __main__
 
@@ -36,16 +44,14 @@ logger = logging.getLogger("moduleserve.server.jobs.worker")  # also when run as
 def run_worker(settings: WorkerSettings, shutdown: threading.Event) -> None:
     """Claim and run jobs until `shutdown` is set."""
     os.nice(settings.job_nice)
-    torch.set_num_threads(settings.job_torch_threads)
-    _warm_up_optimizers()
-    device = resolve_device(settings.job_device)
+    training = Training(settings)
     registry = Registry(settings)
     registry.check_schema()
     worker = settings.worker_id or f"{socket.gethostname()}:{os.getpid()}"
     logger.info(
         "worker %s ready: device %s, %d torch thread(s), nice +%d, registry %s",
         worker,
-        device,
+        settings.job_device,
         settings.job_torch_threads,
         settings.job_nice,
         registry.db.engine.url.render_as_string(hide_password=True),
@@ -69,7 +75,11 @@ def run_worker(settings: WorkerSettings, shutdown: threading.Event) -> None:
                 job.attempts,
             )
             try:
-                outcome = run_job(registry, job, worker, device, settings.job_lease_s, shutdown)
+                outcome = training.load_holding(registry, job, worker, shutdown)
+                if outcome is None:
+                    outcome = training.run(registry, job, worker, shutdown)
+            except TrainingUnavailable:
+                raise  # the worker cannot train at all: stop (a server restarts it later)
             except Exception:  # e.g. the database went away while failing the job
                 logger.exception("job %s: could not be ended; its lease will expire", job.id)
                 continue
@@ -78,10 +88,90 @@ def run_worker(settings: WorkerSettings, shutdown: threading.Event) -> None:
         registry.close()
 
 
+class TrainingUnavailable(RuntimeError):
+    """torch or the training code could not be imported or set up in this worker."""
+
+
+class Training:
+    """torch and the training code, imported when the worker claims its first job rather
+    than at start: most workers idle most of the time, and torch is most of a worker's
+    memory."""
+
+    def __init__(self, settings: JobWorkerSettings) -> None:
+        self._settings = settings
+        self._device: torch.device | None = None
+
+    def load_holding(
+        self, registry: Registry, job: Job, worker: str, shutdown: threading.Event
+    ) -> Outcome | None:
+        """Load (the first time), holding the claimed `job` meanwhile: the import takes
+        seconds, longer than a short lease, and a cancel or a shutdown must not wait for it.
+        None when the job is still to run; else how it ended while torch loaded. A worker
+        that cannot load hands the job back and raises TrainingUnavailable."""
+        if self._device is not None:
+            return None
+        failure: list[BaseException] = []
+
+        def load() -> None:
+            try:
+                self._load()
+            except BaseException as exc:  # re-raised in the worker's thread below
+                failure.append(exc)
+
+        loader = threading.Thread(target=load, name="load-training", daemon=True)
+        with LeaseKeeper(registry, job.id, worker, self._settings.job_lease_s, shutdown) as keeper:
+            loader.start()
+            while loader.is_alive() and keeper.stop_reason is None:
+                loader.join(0.1)
+            stopped = keeper.stop_reason
+            # The job ends at once; the import still finishes (it cannot be interrupted).
+            outcome = None if stopped is None else end_stopped(registry, job.id, worker, stopped)
+        loader.join()
+        if failure:
+            if outcome is None:
+                registry.jobs.release(job.id, worker, f"{worker} could not load torch")
+            raise TrainingUnavailable(f"cannot load torch: {failure[0]}") from failure[0]
+        return outcome
+
+    def _load(self) -> None:
+        import torch
+
+        from moduleserve.server.engine.devices import resolve_device
+        from moduleserve.server.jobs import runner  # noqa: F401  (imported here, not mid-job)
+
+        torch.set_num_threads(self._settings.job_torch_threads)
+        _warm_up_optimizers()
+        self._device = resolve_device(self._settings.job_device)
+        logger.info(
+            "training code loaded: device %s, %d torch thread(s)",
+            self._device,
+            self._settings.job_torch_threads,
+        )
+
+    def run(self, registry: Registry, job: Job, worker: str, shutdown: threading.Event) -> Outcome:
+        """Train a claimed job to its end (after `load_holding`)."""
+        from moduleserve.server.jobs.runner import run_job
+
+        assert self._device is not None, "load_holding first"
+        return run_job(registry, job, worker, self._device, self._settings.job_lease_s, shutdown)
+
+
 def _warm_up_optimizers() -> None:
-    """Build one optimizer before the first job: torch imports its compiler stack on first
-    use (1-2 s here), which would otherwise count against the first job's running time."""
+    """Build one optimizer before the first job trains: torch imports its compiler stack on
+    first use (1-2 s here), which would otherwise count in the first epoch's examples/s."""
+    import torch
+
     torch.optim.AdamW([torch.zeros(1, requires_grad=True)]).zero_grad()
+
+
+def check_device(setting: str) -> None:
+    """Refuse at start a `--device` this machine lacks (ValueError). `auto` and `cpu` exist
+    everywhere and are taken without importing torch; any other setting imports it to ask."""
+    if setting in ("auto", "cpu"):
+        return
+    from moduleserve.server.engine.devices import resolve_device
+
+    resolve_device(setting)
 
 
 def exit_with_parent(
@@ -155,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     class_path = [Path(p) for p in flags.pop("class_path", ())]
     try:
         settings = with_added(WorkerSettings(**flags), prefixes, class_path)
-        resolve_device(settings.job_device)
+        check_device(settings.job_device)
     except (ValidationError, ValueError) as exc:
         print(f"error: invalid settings: {settings_error_text(exc)}", file=sys.stderr)
         return 2
@@ -167,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         exit_with_parent(args.parent_pid, shutdown)
     try:
         run_worker(settings, shutdown)
-    except RegistryError as exc:
+    except (RegistryError, TrainingUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -73,7 +73,14 @@ class InferenceServicer:
         self, request: pb.ModelConfigRequest, context: Context
     ) -> pb.ModelConfigResponse:
         config = await self.plane.model_config(request.name, request.version)
-        return model_config_to_pb(config.version, config.module_class, config.batching)
+        loaded = config.loaded
+        return model_config_to_pb(
+            config.version,
+            config.module_class,
+            config.batching,
+            loaded.compute if loaded else "",
+            loaded.forward_ms if loaded else None,
+        )
 
     @map_errors
     async def ModelInfer(

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from moduleserve.client.client import ModelClient
 from moduleserve.registry.api import Registry
@@ -60,11 +61,11 @@ def test_sigterm_finishes_in_flight_requests_and_exits_zero(
     )
     demo_registry.push("slow", SlowNet(1.0).state_dict(), class_name="Slow")
     port_file = tmp_path / "port"
-    proc = start_server(demo_registry, port_file, "--preload", "slow")
+    proc = start_server(demo_registry, port_file, "--load", "slow")
     target = f"127.0.0.1:{port_file.read_text()}"
     results: list[np.ndarray] = []
     with ModelClient(target) as client:
-        assert client.ready("slow")  # --preload loaded it before the port file appeared
+        assert client.ready("slow")  # --load loaded it before the port file appeared
         client.metadata("slow")  # cached: the infer below goes straight to ModelInfer
         pending = threading.Thread(
             target=lambda: results.append(client.infer("slow", np.ones(2, np.float32)))
@@ -116,21 +117,27 @@ def test_outdated_schema_is_refused_naming_the_fix(tmp_path: Path) -> None:
     assert not (tmp_path / "empty.db").exists()
 
 
-def test_workers_share_the_port_and_stop_together(demo_registry: Registry, tmp_path: Path) -> None:
+@pytest.mark.parametrize("frontend", ["grpc", "envoy"])
+def test_workers_share_the_port_and_stop_together(
+    demo_registry: Registry, tmp_path: Path, frontend: str
+) -> None:
     import psutil
 
     port_file = tmp_path / "port"
-    proc = start_server(demo_registry, port_file, "--workers", "2")
+    proc = start_server(demo_registry, port_file, "--workers", "2", "--frontend", frontend)
     port = int(port_file.read_text())
     deadline = time.monotonic() + 90
     children = psutil.Process(proc.pid).children()
-    # One more server process, and one fine-tuning worker (the parent's alone).
+    # The fine-tuning worker is the parent's alone. Serving: under grpc.aio the parent and
+    # one more process; under Envoy, the parent supervises two Envoy processes.
     [job_worker] = [c for c in children if "moduleserve.server.jobs.worker" in c.cmdline()]
-    [worker] = [c for c in children if c is not job_worker]
-    # The worker binds the same port once it has started (SO_REUSEPORT).
-    while not any(c.laddr.port == port for c in worker.net_connections("tcp")):
-        assert time.monotonic() < deadline and worker.is_running()
-        time.sleep(0.1)
+    servers = [c for c in children if c is not job_worker]
+    assert len(servers) == (1 if frontend == "grpc" else 2)
+    # Each binds the same port once it has started (SO_REUSEPORT).
+    for worker in servers:
+        while not any(c.laddr.port == port for c in worker.net_connections("tcp")):
+            assert time.monotonic() < deadline and worker.is_running()
+            time.sleep(0.1)
     answers = set()
     for _ in range(8):  # separate connections: the kernel spreads them over both processes
         with ModelClient(f"127.0.0.1:{port}") as client:
@@ -154,22 +161,38 @@ def test_workers_share_the_port_and_stop_together(demo_registry: Registry, tmp_p
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, output
     assert answers == {3.0}
-    for child in (worker, job_worker):
+    for child in (*servers, job_worker):
         assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
-    assert output.count("moduleserve serving on") == 2
+    assert output.count("moduleserve serving on") == (2 if frontend == "grpc" else 1)
 
 
-def test_a_killed_servers_job_worker_does_not_outlive_it(
+def test_a_killed_servers_processes_do_not_outlive_it(
     demo_registry: Registry, tmp_path: Path
 ) -> None:
     import psutil
 
     proc = start_server(demo_registry, tmp_path / "port")
-    [job_worker] = psutil.Process(proc.pid).children()
-    assert "moduleserve.server.jobs.worker" in " ".join(job_worker.cmdline())
+    children = psutil.Process(proc.pid).children()
+    [job_worker] = [c for c in children if "moduleserve.server.jobs.worker" in c.cmdline()]
+    [envoy] = [c for c in children if c is not job_worker]
+    assert "envoy" in envoy.name()
 
-    proc.kill()  # no chance to stop its workers
+    proc.kill()  # no chance to stop its children
     proc.wait(timeout=30)
 
-    job_worker.wait(timeout=15)  # raises TimeoutExpired if it lives on
-    assert not job_worker.is_running()
+    for child in (envoy, job_worker):
+        child.wait(timeout=15)  # raises TimeoutExpired if it lives on
+        assert not child.is_running()
+
+
+def test_a_crashed_envoy_stops_the_server_with_a_sentence(
+    demo_registry: Registry, tmp_path: Path
+) -> None:
+    import psutil
+
+    proc = start_server(demo_registry, tmp_path / "port", "--job-workers", "0")
+    [envoy] = psutil.Process(proc.pid).children()
+    envoy.kill()  # as the kernel's OOM killer would
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1, output
+    assert f"error: Envoy (pid {envoy.pid}) exited with code -9" in output

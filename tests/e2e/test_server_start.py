@@ -96,16 +96,46 @@ def test_a_used_metrics_port_is_one_sentence_and_the_start_names_the_registry(
     )
 
 
-def test_a_failed_preload_exits_with_one_sentence(demo_registry: Registry, tmp_path: Path) -> None:
+def test_a_model_that_does_not_load_fails_the_start_with_one_sentence(
+    demo_registry: Registry, tmp_path: Path
+) -> None:
     code, stderr = run_server(
         demo_registry,
         tmp_path,
         *("--grpc-port", "0", "--metrics-port", "0", "--log-level", "WARNING"),
-        *("--preload", "nosuch"),
+        *("--load", "mynet", "--load", "nosuch:2"),
     )
     assert code == 1, stderr
     [line] = stderr.strip().splitlines()  # no "Event loop is closed" traceback after it
-    assert line.startswith("error: ") and "'nosuch'" in line
+    assert line == "error: cannot load 'nosuch:2' at start: model 'nosuch' not found", line
+
+
+def test_load_all_fails_the_start_naming_a_model_whose_class_may_not_load(
+    demo_registry: Registry, tmp_path: Path
+) -> None:
+    # The server is not told --allow-prefix tests.models: `doubler`'s class is refused.
+    code, stderr = run_server(
+        demo_registry,
+        tmp_path,
+        *("--grpc-port", "0", "--metrics-port", "0", "--log-level", "WARNING", "--load-all"),
+    )
+    assert code == 1, stderr
+    line = stderr.strip().splitlines()[-1]  # after the cache's warning with the details
+    assert line.startswith("error: cannot load 'doubler' at start: "), line
+    assert "outside this server's allowed class prefixes" in line
+
+
+def test_preload_still_serves_and_says_it_is_deprecated(
+    demo_registry: Registry, tmp_path: Path
+) -> None:
+    code, stderr = run_server(
+        demo_registry,
+        tmp_path,
+        *("--grpc-port", "0", "--metrics-port", "0", "--log-level", "WARNING"),
+        *("--preload", "mynet"),
+    )
+    assert code is None, stderr  # it served
+    assert "--preload (MODULESERVE_PRELOAD, preload in moduleserve.toml) is deprecated" in stderr
 
 
 def test_the_logged_database_url_hides_its_password() -> None:

@@ -1,7 +1,9 @@
-"""`moduleserve-worker` as real processes: SIGKILL mid-job and resume; several on PostgreSQL."""
+"""`moduleserve-worker` as real processes: SIGKILL mid-job and resume; several on PostgreSQL;
+an idle worker that has not imported torch."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -10,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -27,6 +30,9 @@ def learnable(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return {"inputs": torch.from_numpy(inputs), "targets": torch.from_numpy(targets)}
 
 
+Popen = subprocess.Popen[bytes]
+
+
 class Workers:
     """Worker processes on one registry, killed at the end of the test."""
 
@@ -34,10 +40,10 @@ class Workers:
         self.env = subprocess_env(registry.settings.database_url(), registry.settings.store)
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, name: str, lease_s: float = 1.5) -> subprocess.Popen[bytes]:
+    def start(self, name: str, lease_s: float = 1.5, stderr: int = subprocess.DEVNULL) -> Popen:
         args = [sys.executable, "-m", "moduleserve.server.jobs.worker", "--worker-id", name]
         args += ["--lease-s", str(lease_s), "--poll-s", "0.1", "--nice", "0"]
-        proc = subprocess.Popen(args, env=self.env, cwd=REPO, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(args, env=self.env, cwd=REPO, stderr=stderr)
         self.procs.append(proc)
         return proc
 
@@ -154,3 +160,53 @@ def test_three_workers_run_ten_jobs_each_exactly_once_on_postgresql(
         sources = [v.source for v in registry.checkpoints.list_versions("mlp")]
         assert sorted(sources[1:]) == sorted(f"job {job_id}" for job_id in ids)
         registry.close()
+
+
+def mapped_packages(pid: int, names: tuple[str, ...]) -> set[str]:
+    """The installed packages among `names` with a file (a compiled extension, libtorch)
+    mapped into process `pid`: what importing them leaves, seen from outside the process."""
+    from importlib.util import find_spec
+
+    maps = (Path(m.path) for m in psutil.Process(pid).memory_maps(grouped=True) if m.path)
+    paths = {p.resolve() for p in maps if p.is_absolute()}
+    found = set()
+    for name in names:
+        spec = find_spec(name)
+        assert spec is not None and spec.submodule_search_locations, name
+        folder = Path(next(iter(spec.submodule_search_locations))).resolve()
+        if any(folder in p.parents for p in paths):
+            found.add(name)
+    return found
+
+
+def wait_ready(proc: Popen) -> None:
+    """Read the worker's log until it says it is ready (it has its registry, no job yet)."""
+    assert proc.stderr is not None
+    lines = []
+    for raw in proc.stderr:
+        lines.append(raw.decode(errors="replace"))
+        if " ready: " in lines[-1]:
+            return
+    raise AssertionError("the worker exited before it was ready:\n" + "".join(lines))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/maps")
+def test_an_idle_worker_has_not_imported_torch_until_it_claims_a_job(
+    sqlite_demo: Registry, workers: Callable[[Registry], Workers]
+) -> None:
+    heavy = ("torch", "safetensors", "numpy")
+    # The check sees torch where it was imported: in this test's own process.
+    assert "torch" in mapped_packages(os.getpid(), heavy)
+    registry = sqlite_demo
+    proc = workers(registry).start("idle", stderr=subprocess.PIPE)
+    wait_ready(proc)
+    # Several empty polls (--poll-s 0.1) later, the idle loop has loaded nothing heavy.
+    time.sleep(1.0)
+    assert proc.poll() is None
+    assert mapped_packages(proc.pid, heavy) == set()
+
+    registry.push_dataset("digits", learnable(64))
+    job = wait(registry, queue(registry, JobSpec(seed=1)), lambda j: j.finished, 90)
+
+    assert job.state == "succeeded"
+    assert "torch" in mapped_packages(proc.pid, heavy)
