@@ -56,7 +56,9 @@ def _require_token(header: str | None, tokens: Sequence[bytes], what: str) -> No
         return
     scheme, _, token = (header or "").partition(" ")
     if scheme.lower() != "bearer" or not token:
-        raise UnauthenticatedError(f"{what}: send 'authorization: Bearer <token>' metadata")
+        raise UnauthenticatedError(
+            f"{what}: send an 'authorization: Bearer <token>' header (gRPC metadata)"
+        )
     # compare_digest against every token: no early exit that would leak timing.
     if not any(hmac.compare_digest(token.encode(), known) for known in tokens):
         raise PermissionDeniedError("the bearer token is not one of the server's tokens")

@@ -75,6 +75,7 @@ class ServerApplication:
         from moduleserve.server.app import log_registry, start_metrics
         from moduleserve.server.config import ServerSettings
         from moduleserve.server.core import Core
+        from moduleserve.server.frontends.rest import RestApp
         from moduleserve.server.logs import configure_logging
 
         settings = ServerSettings.model_validate_json(Path(os.environ[SETTINGS_ENV]).read_text())
@@ -90,7 +91,7 @@ class ServerApplication:
         self._metrics, metrics_port = await start_metrics(settings, core.cache)
         await core.start()
         self._grpc = GrpcCodec(table, limit)
-        self._rest = _rest_app(core.plane, limit)
+        self._rest = RestApp(core.plane, limit)
         models = await asyncio.to_thread(core.registry.checkpoints.list_models)
         _report(
             {
@@ -106,19 +107,6 @@ class ServerApplication:
             await self._core.close()
         if self._metrics is not None:
             await self._metrics.close()
-
-
-def _rest_app(plane: Any, limit: int) -> Any:
-    try:
-        from moduleserve.server.frontends.rest import RestApp
-    except ImportError:  # TEMPORARY until the REST front end lands
-        return _not_found
-    return RestApp(plane, limit)
-
-
-async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
-    await send({"type": "http.response.start", "status": 404, "headers": []})
-    await send({"type": "http.response.body", "body": b"not found"})
 
 
 def _report(state: dict[str, Any]) -> None:

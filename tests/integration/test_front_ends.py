@@ -123,7 +123,10 @@ def test_mutating_calls_need_a_token(frontend: str, demo_registry: Registry) -> 
             with pytest.raises(grpc.RpcError) as err:
                 call(load)
             assert err.value.code() == Code.UNAUTHENTICATED
-            assert "send 'authorization: Bearer <token>' metadata" in err.value.details()
+            assert (
+                "send an 'authorization: Bearer <token>' header (gRPC metadata)"
+                in err.value.details()
+            )
             with pytest.raises(grpc.RpcError) as err:
                 call(load, metadata=[("authorization", "Bearer wrong")])
             assert err.value.code() == Code.PERMISSION_DENIED
