@@ -106,7 +106,9 @@ def h2load_command(
     ]  # fmt: skip
 
 
-def run_h2load(target: Target, body: Path, concurrency: int, args: argparse.Namespace) -> dict:
+def run_h2load(
+    target: Target, body: Path, concurrency: int, args: argparse.Namespace
+) -> dict[str, Any]:
     """One N-run: start h2load, sample the server and h2load inside its measured window."""
     cmd = h2load_command(target.address, body, concurrency, args)
     proc = subprocess.Popen(

@@ -232,7 +232,7 @@ def add_target_options(parser: argparse.ArgumentParser, cpu_count: int) -> None:
         "--torch-threads",
         type=int,
         default=1 if pin else None,
-        help="server --torch-threads (default: 1 when pinned, else the server's default)",
+        help="server --torch-threads (default: 1 when pinned; 0: the server's default)",
     )
     parser.add_argument(
         "--server-env",
