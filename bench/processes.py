@@ -21,9 +21,17 @@ class ProcessGroup:
     """A server process and its children, for CPU (% of one core) and RSS over a window."""
 
     def __init__(self, pid: int) -> None:
-        root = psutil.Process(pid)
-        self.processes = [root, *root.children(recursive=True)]
+        self.root = psutil.Process(pid)
+        self.processes: list[psutil.Process] = []
+        self.refresh()
         self._cpu0 = self._wall0 = 0.0
+
+    def refresh(self) -> None:
+        """Re-read the tree: a supervisor may have started children since (Envoy, job workers)."""
+        try:
+            self.processes = [self.root, *self.root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            self.processes = []
 
     def cpu_seconds(self) -> float:
         """User + system CPU seconds of the group so far."""
@@ -36,18 +44,23 @@ class ProcessGroup:
             total += times.user + times.system
         return total
 
-    def rss_mib(self) -> float:
-        """Resident memory of the group now."""
+    def rss_mib(self, only: str = "") -> float:
+        """Resident memory of the whole tree now (of the processes whose command line
+        contains ``only``, when given)."""
+        self.refresh()
         total = 0
         for proc in self.processes:
             try:
+                if only and only not in " ".join(proc.cmdline()):
+                    continue
                 total += proc.memory_info().rss
             except psutil.NoSuchProcess:
                 continue
         return total / MIB
 
     def start(self) -> None:
-        """Begin a CPU window."""
+        """Begin a CPU window (over the processes alive now)."""
+        self.refresh()
         self._cpu0, self._wall0 = self.cpu_seconds(), time.perf_counter()
 
     def cpu_pct(self) -> float:
@@ -101,16 +114,43 @@ def log_tail(path: Path, lines: int = 30) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
+def parse_cpus(text: str) -> set[int]:
+    """``taskset -c`` style CPU list ("0", "1-3", "0,2") as a set; empty text: no pinning."""
+    cpus: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
+
+
+def pinned(cmd: list[str], cpus: set[int] | frozenset[int]) -> list[str]:
+    """``cmd`` under ``taskset -c`` (it and its descendants on ``cpus``); unchanged when
+    ``cpus`` is empty. taskset execs the command, so the pid is the command's. (Not a
+    ``preexec_fn``: that forces fork(), whose handlers disturb grpc in this process.)"""
+    if not cpus:
+        return cmd
+    return ["taskset", "-c", ",".join(str(c) for c in sorted(cpus)), *cmd]
+
+
 @contextmanager
 def started(
-    cmd: list[str], port_file: Path, log_path: Path, env: dict[str, str] | None = None
+    cmd: list[str],
+    port_file: Path,
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    cpus: set[int] | frozenset[int] = frozenset(),
 ) -> Iterator[tuple[int, int, float]]:
-    """Run ``cmd`` with output to ``log_path``; yield (pid, port, start-up seconds)."""
+    """Run ``cmd`` (on ``cpus`` when given) with output to ``log_path``; yield (pid, port,
+    start-up seconds)."""
     port_file.unlink(missing_ok=True)
     start = time.perf_counter()
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})}
+            pinned(cmd, cpus),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
         )
         try:
             port = wait_for_port(port_file, proc, 60.0)

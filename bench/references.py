@@ -32,19 +32,27 @@ def echo_response(model: BenchModel, output_name: str, output_shape: list[int]) 
     return response.SerializeToString()
 
 
+ECHO_MODULES = {"grpc": "bench.echo_server", "envoy": "bench.pyvoy_echo"}
+
+
 @contextmanager
-def echo_running(tmp: Path, model: BenchModel, response: bytes) -> Iterator[tuple[int, int]]:
-    """Start the echo floor answering ``response``; yield (pid, port)."""
+def echo_running(
+    tmp: Path, model: BenchModel, response: bytes, kind: str, cpus: set[int]
+) -> Iterator[tuple[int, int]]:
+    """Start an echo floor answering ``response`` on ``cpus``; yield (pid, port). ``kind``:
+    ``grpc`` (grpc.aio, ``bench/echo_server.py``) or ``envoy`` (an ASGI app under pyvoy,
+    ``bench/pyvoy_echo.py``)."""
     response_file = tmp / f"{model.name}.response"
     response_file.write_bytes(response)
+    port_file = tmp / f"echo-{kind}.port"
     cmd = [
         sys.executable,
         "-m",
-        "bench.echo_server",
+        ECHO_MODULES[kind],
         f"--response-file={response_file}",
-        f"--port-file={tmp / 'echo.port'}",
+        f"--port-file={port_file}",
     ]
-    with started(cmd, tmp / "echo.port", tmp / "echo.log") as (pid, port, _):
+    with started(cmd, port_file, tmp / f"echo-{kind}.log", cpus=cpus) as (pid, port, _):
         yield pid, port
 
 
