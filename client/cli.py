@@ -8,11 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
-from moduleserve.client.client import ModelClient, ModelInfo, split_ref
+from moduleserve.client.client import ModelClient, ModelInfo
 from moduleserve.client.errors import ModuleServeError
 from moduleserve.client.inspect_cli import add_inspect_command
 from moduleserve.client.jobs_cli import add_jobs_commands
-from moduleserve.client.tables import format_table, report_error, run_main, to_json, version_text
+from moduleserve.client.refs import split_ref
+from moduleserve.client.tables import format_table, report_error, run_main, to_json
+from moduleserve.client.version import version_text
 
 DEFAULT_TARGET = "127.0.0.1:8001"
 MODEL_REF_HELP = "model name, then :VERSION or :ALIAS (default: the default alias, else the latest)"

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from moduleserve.client.client import ModelClient, split_ref
+from moduleserve.client.client import ModelClient
 from moduleserve.client.errors import ModuleServeError
 from moduleserve.client.inspect_render import (
     render_diff,
@@ -26,6 +26,7 @@ from moduleserve.client.inspect_render import (
 )
 from moduleserve.client.introspection import IntrospectionClient
 from moduleserve.client.introspection_results import KindFilter
+from moduleserve.client.refs import split_ref
 from moduleserve.client.tables import report_error
 
 Handler = Callable[[argparse.Namespace], int]

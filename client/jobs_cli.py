@@ -21,7 +21,7 @@ from typing import Any, TextIO
 import grpc
 import numpy as np
 
-from moduleserve.client.client import ModelClient, split_ref
+from moduleserve.client.client import ModelClient
 from moduleserve.client.errors import ModuleServeError
 from moduleserve.client.jobs import (
     FINISHED_STATES,
@@ -46,6 +46,7 @@ from moduleserve.client.jobs_render import (
     plot_curves,
     write_plot_png,
 )
+from moduleserve.client.refs import split_ref
 from moduleserve.client.tables import format_table, human_bytes, to_json
 
 Handler = Callable[[argparse.Namespace], int]

@@ -10,7 +10,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from moduleserve.client.tables import os_error_code, print_error, run_main, version_text
+from moduleserve.client.tables import os_error_code, print_error, run_main
+from moduleserve.client.version import version_text
 from moduleserve.registry import errors
 from moduleserve.registry.api import Registry
 from moduleserve.registry.commands import (

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from moduleserve.client.tables import version_text
+from moduleserve.client.version import version_text
 from moduleserve.registry.config import with_added
 from moduleserve.server.config import BatchingSettings, ServerSettings, settings_error_text
 from moduleserve.server.logs import configure_logging

@@ -16,9 +16,9 @@ from tests.helpers import (
     postgres_schema,
     postgres_url,
     registry_settings,
+    seeded_registry,
     server_settings,
 )
-from tests.models import Doubler
 
 
 @pytest.fixture(autouse=True)
@@ -66,16 +66,7 @@ def sqlite_registry(tmp_path: Path) -> Iterator[Registry]:
 @pytest.fixture
 def demo_registry(tmp_path: Path) -> Iterator[Registry]:
     """A SQLite registry seeded with the demo models plus the tests' own classes."""
-    from moduleserve.registry.classes import parse_input_spec
-    from moduleserve.registry.demo.seed import seed_demo
-
-    reg = Registry(registry_settings(f"sqlite:///{tmp_path / 'registry.db'}", tmp_path / "store"))
-    reg.init()
-    seed_demo(reg)
-    reg.classes.register(
-        "Doubler", "tests.models:Doubler", {}, [parse_input_spec("x:float32:-1,1")]
-    )
-    reg.push("doubler", Doubler().state_dict(), class_name="Doubler")
+    reg = seeded_registry(tmp_path)
     yield reg
     reg.close()
 

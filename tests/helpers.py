@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from moduleserve.client.introspection_results import Totals
+from moduleserve.registry.api import Registry
 from moduleserve.registry.cli import main as registry_cli
 from moduleserve.registry.config import RegistrySettings
 
@@ -50,6 +51,22 @@ def postgres_schema(base_url: str) -> Iterator[str]:
 def registry_settings(db_url: str, store: Path) -> RegistrySettings:
     """Settings for a test registry: the demo classes and the tests' own classes allowed."""
     return RegistrySettings(db=db_url, store=store, allowed_class_prefixes=DEMO_PREFIXES)
+
+
+def seeded_registry(folder: Path) -> Registry:
+    """A SQLite registry in `folder` seeded with the demo models plus the tests' Doubler."""
+    from moduleserve.registry.classes import parse_input_spec
+    from moduleserve.registry.demo.seed import seed_demo
+    from tests.models import Doubler
+
+    reg = Registry(registry_settings(f"sqlite:///{folder / 'registry.db'}", folder / "store"))
+    reg.init()
+    seed_demo(reg)
+    reg.classes.register(
+        "Doubler", "tests.models:Doubler", {}, [parse_input_spec("x:float32:-1,1")]
+    )
+    reg.push("doubler", Doubler().state_dict(), class_name="Doubler")
+    return reg
 
 
 def subprocess_env(db_url: str, store: Path) -> dict[str, str]:

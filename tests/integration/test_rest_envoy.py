@@ -28,19 +28,9 @@ pytestmark = pytest.mark.timeout(300)
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     """The demo registry plus the tests' Doubler, shared by this module's tests (one Envoy
     start for all: each test leaves the models it does not own as it found them)."""
-    from moduleserve.registry.classes import parse_input_spec
-    from moduleserve.registry.demo.seed import seed_demo
-    from tests.helpers import registry_settings
-    from tests.models import Doubler
+    from tests.helpers import seeded_registry
 
-    folder = tmp_path_factory.mktemp("rest-envoy")
-    reg = Registry(registry_settings(f"sqlite:///{folder / 'registry.db'}", folder / "store"))
-    reg.init()
-    seed_demo(reg)
-    reg.classes.register(
-        "Doubler", "tests.models:Doubler", {}, [parse_input_spec("x:float32:-1,1")]
-    )
-    reg.push("doubler", Doubler().state_dict(), class_name="Doubler")
+    reg = seeded_registry(tmp_path_factory.mktemp("rest-envoy"))
     yield reg
     reg.close()
 
