@@ -20,7 +20,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from moduleserve.server.frontends.envoy import LOG_FD_ENV, SETTINGS_ENV, STATE_ENV
+from moduleserve.server.frontends.envoy import (
+    DRAIN_FILE_ENV,
+    DRAIN_POLL_S,
+    LOG_FD_ENV,
+    SETTINGS_ENV,
+    STATE_ENV,
+)
 from moduleserve.server.frontends.grpc_codec import (
     GrpcCodec,
     HandlerTable,
@@ -29,6 +35,7 @@ from moduleserve.server.frontends.grpc_codec import (
     Send,
     is_grpc,
 )
+from moduleserve.server.frontends.rest_http import dumps, send_response
 
 logger = logging.getLogger(__name__)
 
@@ -41,14 +48,19 @@ class ServerApplication:
         self._rest: Any = None
         self._core: Any = None
         self._metrics: Any = None
+        self._drain_watch: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
             if self._grpc is None or self._rest is None:  # lifespan off: nothing to serve
                 raise RuntimeError("the server was not started (ASGI lifespan is required)")
-            handler = self._grpc if is_grpc(scope) else self._rest
-            await handler(scope, receive, send)
+            if is_grpc(scope):
+                await self._grpc(scope, receive, send)
+            elif self._grpc.refusing:
+                await send_response(send, 503, dumps({"error": self._grpc.refusing}))
+            else:
+                await self._rest(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
 
@@ -78,7 +90,9 @@ class ServerApplication:
         from moduleserve.server.frontends.rest import RestApp
         from moduleserve.server.logs import configure_logging
 
-        settings = ServerSettings.model_validate_json(Path(os.environ[SETTINGS_ENV]).read_text())
+        settings_file = Path(os.environ[SETTINGS_ENV])
+        settings = ServerSettings.model_validate_json(settings_file.read_text())
+        settings_file.unlink(missing_ok=True)  # it may hold tokens: gone once read
         fd = os.environ.get(LOG_FD_ENV)
         stream = os.fdopen(int(fd), "w", buffering=1) if fd else None
         configure_logging(settings.log_level, settings.log_format, stream)
@@ -91,6 +105,9 @@ class ServerApplication:
         self._metrics, metrics_port = await start_metrics(settings, core.cache)
         await core.start()
         self._grpc = GrpcCodec(table, limit)
+        drain_file = os.environ.get(DRAIN_FILE_ENV)
+        if drain_file:
+            self._drain_watch = asyncio.create_task(self._on_drain(Path(drain_file)))
         self._rest = RestApp(core.plane, limit)
         models = await asyncio.to_thread(core.registry.checkpoints.list_models)
         _report(
@@ -101,7 +118,18 @@ class ServerApplication:
             }
         )
 
+    async def _on_drain(self, drain_file: Path) -> None:
+        """Once the supervisor creates the drain file: refuse new calls (UNAVAILABLE, 503),
+        report not ready and end watch streams; in-flight calls finish."""
+        while not drain_file.exists():
+            await asyncio.sleep(DRAIN_POLL_S)
+        assert self._grpc is not None
+        self._grpc.refusing = "the server is shutting down; retry on another"
+        await self._core.begin_shutdown()
+
     async def _stop(self) -> None:
+        if self._drain_watch is not None:
+            self._drain_watch.cancel()
         if self._core is not None:
             await self._core.begin_shutdown()
             await self._core.close()

@@ -37,6 +37,9 @@ STATE_ENV = "MODULESERVE_FRONTEND_STATE"
 # output (stdout, stderr, its log) goes to a file, so that a failed start reads as one
 # sentence rather than Envoy's dump of its configuration.
 LOG_FD_ENV = "MODULESERVE_FRONTEND_LOG_FD"
+# A file whose appearance tells the application that the server is shutting down.
+DRAIN_FILE_ENV = "MODULESERVE_FRONTEND_DRAIN_FILE"
+DRAIN_POLL_S = 0.05
 
 
 class EnvoyStartError(RuntimeError):
@@ -98,6 +101,7 @@ class EnvoyProcess:
         self._settings_file = workdir / f"settings-{index}.json"
         self._state_file = workdir / f"state-{index}.json"
         self._admin_file = workdir / f"admin-{index}.txt"
+        self._drain_file = workdir / f"draining-{index}"
         self.log_file = workdir / f"envoy-{index}.log"
         self._process: subprocess.Popen[bytes] | None = None
         self._admin = ""
@@ -112,14 +116,6 @@ class EnvoyProcess:
         fd = os.open(self._settings_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as out:
             out.write(self.settings.model_dump_json())
-        log_fd = os.dup(2)
-        env = {
-            **os.environ,
-            **get_envoy_environ(),
-            SETTINGS_ENV: str(self._settings_file),
-            STATE_ENV: str(self._state_file),
-            LOG_FD_ENV: str(log_fd),
-        }
         config = envoy_config(self.settings, self.port, self.reuse_port)
         args = [
             get_envoy_path(),
@@ -134,10 +130,24 @@ class EnvoyProcess:
             "1",
             "--log-level",
             "error",
+            # A graceful drain sends every connection its GOAWAY at once and closes the
+            # listener at once: in-flight streams finish, new calls find the port closed
+            # (our own drain then waits for the in-flight ones).
             "--drain-strategy",
             "immediate",
+            "--drain-time-s",
+            "0",
         ]
+        log_fd = os.dup(2)
         try:
+            env = {
+                **os.environ,
+                **get_envoy_environ(),
+                SETTINGS_ENV: str(self._settings_file),
+                STATE_ENV: str(self._state_file),
+                LOG_FD_ENV: str(log_fd),
+                DRAIN_FILE_ENV: str(self._drain_file),
+            }
             with self.log_file.open("ab") as envoy_log:
                 self._process = subprocess.Popen(
                     args,
@@ -147,6 +157,9 @@ class EnvoyProcess:
                     stderr=envoy_log,
                     pass_fds=(log_fd,),
                     preexec_fn=die_with_parent,
+                    # Its own session: Ctrl-C reaches the supervisor alone, which drains
+                    # before it stops Envoy (the parent-death signal still ends Envoy).
+                    start_new_session=True,
                 )
         finally:
             os.close(log_fd)
@@ -211,15 +224,28 @@ class EnvoyProcess:
         )
 
     async def drain(self, grace: float) -> None:
-        """Stop accepting connections, then wait up to `grace` for in-flight requests."""
+        """Tell the application, stop taking calls, let in-flight ones finish (up to `grace`).
+
+        The application first hears of it through the drain file: it reports not ready and
+        ends its watch streams, which would otherwise hold the drain for the whole grace.
+        Then Envoy drains gracefully: every connection gets a GOAWAY (in-flight streams
+        finish, new calls go elsewhere) and the listener closes."""
         if self.exit_code() is not None or not self._admin:
             return
+        deadline = time.monotonic() + grace
+        self._drain_file.touch()
+        await asyncio.sleep(2 * DRAIN_POLL_S)  # the application notices within one poll
         try:
-            await asyncio.to_thread(self._admin_get, "/drain_listeners?inboundonly", "POST")
+            await asyncio.to_thread(
+                self._admin_get, "/drain_listeners?inboundonly&graceful", "POST"
+            )
         except (OSError, urllib.error.URLError):
             return
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and await asyncio.to_thread(self._active) > 0:
+        idle_polls = 0
+        while time.monotonic() < deadline and idle_polls < 3:
+            # Idle three polls running: one zero could fall between two back-to-back calls.
+            idle = await asyncio.to_thread(self._active) == 0
+            idle_polls = idle_polls + 1 if idle else 0
             await asyncio.sleep(0.05)
 
     def _active(self) -> int:

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import struct
 import time
 import urllib.parse
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
@@ -134,29 +136,32 @@ class GrpcCodec:
     def __init__(self, table: HandlerTable, max_message_bytes: int) -> None:
         self.table = table
         self.max_message_bytes = max_message_bytes
+        self.refusing = ""
+        """When set (the server is draining), every new call gets UNAVAILABLE with this."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         method = scope["path"]
         headers = scope["headers"]
         call = _Call(send, receive)
         try:
+            if scope.get("http_version") != "2":
+                raise _Abort(grpc.StatusCode.UNIMPLEMENTED, "gRPC needs HTTP/2")
+            if self.refusing:  # as grpc.aio after stop(): in-flight calls finish, new ones go
+                raise _Abort(grpc.StatusCode.UNAVAILABLE, self.refusing)
             handler = self.table.lookup(method)
             if handler is None:
                 raise _Abort(grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {method}")
-            context = GrpcContext(headers, _deadline(headers), scope)
-            reader = _Reader(receive, self.max_message_bytes)
-            try:
-                async with asyncio.timeout(context.time_remaining()):
-                    if handler.request_streaming or handler.response_streaming:
-                        await self._stream(handler, context, reader, call)
-                    else:
-                        await self._unary(handler, context, reader, call)
-            except TimeoutError:
-                raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+            deadline, encoding = _call_headers(headers)
+            context = GrpcContext(headers, deadline, scope)
+            reader = _Reader(receive, self.max_message_bytes, encoding)
+            if deadline is None:  # the common case: no timer to arm
+                await self._dispatch(handler, context, reader, call)
+            else:
+                await self._dispatch_by(deadline, handler, context, reader, call)
         except _Abort as abort:
             await call.finish(abort.code, abort.details)
-        except _ClientGone:  # nobody listens any more: nothing to send
-            return
+        except (_ClientGone, OSError):  # nobody listens any more (ASGI servers raise an
+            return  # OSError from send() once the client is gone): nothing to send
         except asyncio.CancelledError:
             if call.cancelled_by_client:  # as above, noticed by the call's watch
                 return
@@ -167,6 +172,29 @@ class GrpcCodec:
             await call.finish(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
         finally:
             call.done()
+
+    async def _dispatch(
+        self, handler: Any, context: GrpcContext, reader: _Reader, call: _Call
+    ) -> None:
+        if handler.request_streaming or handler.response_streaming:
+            await self._stream(handler, context, reader, call)
+        else:
+            await self._unary(handler, context, reader, call)
+
+    async def _dispatch_by(
+        self, deadline: float, handler: Any, context: GrpcContext, reader: _Reader, call: _Call
+    ) -> None:
+        """`_dispatch`, cancelled with DEADLINE_EXCEEDED when the client's deadline passes."""
+        timeout = asyncio.timeout_at(
+            asyncio.get_running_loop().time() + (deadline - time.monotonic())
+        )
+        try:
+            async with timeout:
+                await self._dispatch(handler, context, reader, call)
+        except TimeoutError:
+            if not timeout.expired():  # a handler's own TimeoutError: not the deadline
+                raise
+            raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
 
     async def _unary(
         self, handler: Any, context: GrpcContext, reader: _Reader, call: _Call
@@ -190,7 +218,9 @@ class GrpcCodec:
 
         context.writer = write
         if handler.request_streaming:
-            # Client streams end with the body, so a disconnect surfaces in the reader.
+            # While the body streams a disconnect surfaces in the reader; once it ended,
+            # the call's watch takes over.
+            reader.on_end = lambda: call.watch_after(0.0)
             request: Any = reader.stream(handler.request_deserializer)
         else:
             request = handler.request_deserializer(await reader.single())
@@ -299,7 +329,10 @@ class _Call:
 _RESPONSE_START = {
     "type": "http.response.start",
     "status": 200,
-    "headers": [(b"content-type", b"application/grpc")],
+    "headers": [
+        (b"content-type", b"application/grpc"),
+        (b"grpc-accept-encoding", b"identity,deflate,gzip"),
+    ],
     "trailers": True,
 }
 _OK_TRAILERS = {
@@ -312,11 +345,13 @@ _OK_TRAILERS = {
 class _Reader:
     """Length-prefixed gRPC messages out of the ASGI request body."""
 
-    def __init__(self, receive: Receive, limit: int) -> None:
+    def __init__(self, receive: Receive, limit: int, encoding: str = "identity") -> None:
         self._receive = receive
         self._limit = limit
+        self._encoding = encoding
         self._buffer = bytearray()
         self._ended = False
+        self.on_end: Callable[[], None] | None = None
 
     async def _fill(self, size: int) -> bool:
         """Buffer at least `size` bytes; False when the body ended first."""
@@ -342,7 +377,7 @@ class _Reader:
             raise _Abort(grpc.StatusCode.INTERNAL, "the request ended inside a message")
         data = bytes(self._buffer[_PREFIX.size : _PREFIX.size + length])
         del self._buffer[: _PREFIX.size + length]
-        return data
+        return self._payload(compressed, data)
 
     async def single(self) -> bytes:
         """The one message of a unary request."""
@@ -375,13 +410,12 @@ class _Reader:
             raise _Abort(grpc.StatusCode.INTERNAL, "the request ended inside a message")
         if len(body) > end:
             raise _Abort(grpc.StatusCode.UNIMPLEMENTED, "a unary request carries one message")
-        return body[_PREFIX.size :]
+        return self._payload(compressed, body[_PREFIX.size :])
 
     def _check(self, compressed: bool, length: int) -> None:
-        if compressed:
+        if compressed and self._encoding == "identity":
             raise _Abort(
-                grpc.StatusCode.UNIMPLEMENTED,
-                "compressed messages are not supported: send them uncompressed (identity)",
+                grpc.StatusCode.INTERNAL, "a compressed message without a grpc-encoding header"
             )
         if length > self._limit:
             raise _Abort(
@@ -389,9 +423,30 @@ class _Reader:
                 f"Received message larger than max ({length} vs. {self._limit})",
             )
 
+    def _payload(self, compressed: bool, data: bytes) -> bytes:
+        """A message's bytes, decompressed when its flag says so (within the size limit)."""
+        if not compressed:
+            return data
+        wbits = 16 + zlib.MAX_WBITS if self._encoding == "gzip" else zlib.MAX_WBITS
+        inflater = zlib.decompressobj(wbits)
+        try:
+            out = inflater.decompress(data, self._limit + 1)
+        except zlib.error:
+            raise _Abort(
+                grpc.StatusCode.INTERNAL, f"a message is not valid {self._encoding} data"
+            ) from None
+        if len(out) > self._limit:
+            raise _Abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"Received message larger than max (over {self._limit} decompressed)",
+            )
+        return out
+
     async def stream(self, decode: Callable[[bytes], Any]) -> AsyncIterator[Any]:
         while (data := await self.next()) is not None:
             yield decode(data)
+        if self.on_end is not None:
+            self.on_end()
 
 
 def _metadata(headers: list[tuple[bytes, bytes]]) -> tuple[tuple[str, str | bytes], ...]:
@@ -404,15 +459,29 @@ def _metadata(headers: list[tuple[bytes, bytes]]) -> tuple[tuple[str, str | byte
     return tuple(found)
 
 
-def _deadline(headers: list[tuple[bytes, bytes]]) -> float | None:
+_TIMEOUT = re.compile(rb"([0-9]{1,8})([HMSmun])")
+_ENCODINGS = ("identity", "gzip", "deflate")
+
+
+def _call_headers(headers: list[tuple[bytes, bytes]]) -> tuple[float | None, str]:
+    """The call's deadline (from `grpc-timeout`) and its messages' `grpc-encoding`."""
+    deadline, encoding = None, "identity"
     for key, value in headers:
         if key == b"grpc-timeout":
-            text = value.decode("latin-1")
-            unit = _TIMEOUT_UNITS.get(text[-1:])
-            if unit is None or not text[:-1].isdigit():
+            match = _TIMEOUT.fullmatch(value)
+            if match is None:
+                text = value.decode("latin-1")
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid grpc-timeout {text!r}")
-            return time.monotonic() + int(text[:-1]) * unit
-    return None
+            unit = _TIMEOUT_UNITS[match.group(2).decode()]
+            deadline = time.monotonic() + int(match.group(1)) * unit
+        elif key == b"grpc-encoding":
+            encoding = value.decode("latin-1").strip().lower()
+            if encoding not in _ENCODINGS:
+                raise _Abort(
+                    grpc.StatusCode.UNIMPLEMENTED,
+                    f"grpc-encoding {encoding!r} is not supported; use {', '.join(_ENCODINGS)}",
+                )
+    return deadline, encoding
 
 
 def _peer(scope: Scope) -> str:
@@ -427,5 +496,6 @@ def is_grpc(scope: Scope) -> bool:
     """Whether an ASGI http call carries gRPC (by its content type)."""
     for key, value in scope["headers"]:
         if key == b"content-type":
-            return value.startswith(b"application/grpc")
+            # application/grpc, +proto or ;params; not grpc-web, which this codec does not speak
+            return value == b"application/grpc" or value[16:17] in (b"+", b";")
     return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -20,7 +21,9 @@ from tests.helpers import REPO
 from tests.models import SlowNet
 
 
-def start_server(registry: Registry, port_file: Path, *flags: str) -> subprocess.Popen[str]:
+def start_server(
+    registry: Registry, port_file: Path, *flags: str, new_session: bool = False
+) -> subprocess.Popen[str]:
     """`python -m moduleserve.server` on the registry, ephemeral port; returns once the port
     file exists."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -44,7 +47,13 @@ def start_server(registry: Registry, port_file: Path, *flags: str) -> subprocess
         *flags,
     ]
     proc = subprocess.Popen(
-        args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        args,
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=new_session,  # a process group of its own, as from a terminal
     )
     deadline = time.monotonic() + 90
     while not port_file.exists():
@@ -78,6 +87,72 @@ def test_sigterm_finishes_in_flight_requests_and_exits_zero(
     assert proc.returncode == 0, output
     assert len(results) == 1 and results[0].shape == (2,)
     assert "shutting down" in output and "stopped" in output
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_drain_cuts_no_accepted_call_and_tells_watchers(
+    demo_registry: Registry, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """Calls back to back on one connection while the server stops: each one is either
+    answered or refused before it started (UNAVAILABLE, or a closed port), never cut
+    midway; a health watcher hears NOT_SERVING. SIGINT is Ctrl-C, sent to the whole
+    process group as a terminal does."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from moduleserve.client.oip import method_path
+    from moduleserve.client.pb import oip_v2_pb2 as pb
+
+    demo_registry.classes.register(
+        "Slow", "tests.models:SlowNet", {"delay_s": 0.2}, [parse_input_spec("x:float32:-1,2")]
+    )
+    demo_registry.push("slow", SlowNet(0.2).state_dict(), class_name="Slow")
+    port_file = tmp_path / "port"
+    proc = start_server(
+        demo_registry, port_file, "--load", "slow", "--job-workers", "0", new_session=True
+    )
+    target = f"127.0.0.1:{port_file.read_text()}"
+    request = pb.ModelInferRequest(model_name="slow")
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 2])
+    request.raw_input_contents.append(bytes(8))
+    answered, refused, cut = 0, [], []
+    statuses: list[int] = []
+    stopping = threading.Event()
+
+    def watch(channel: grpc.Channel) -> None:
+        stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        with contextlib.suppress(grpc.RpcError):
+            for update in stream:
+                statuses.append(update.status)
+
+    with grpc.insecure_channel(target) as channel:
+        infer = channel.unary_unary(method_path("ModelInfer"))
+        watcher = threading.Thread(target=watch, args=(channel,))
+        watcher.start()
+        timer = threading.Timer(0.7, lambda: (stopping.set(), os.killpg(proc.pid, sig)))
+        timer.start()
+        while not stopping.is_set() or proc.poll() is None:
+            try:
+                infer(request.SerializeToString(), timeout=10, wait_for_ready=False)
+                answered += 1
+            except grpc.RpcError as error:
+                details = (error.details() or "").lower()
+                # Refused before it started: the port closed, or the draining server's
+                # UNAVAILABLE for new calls (as grpc.aio's after stop()).
+                if any(word in details for word in ("connect", "refused", "shutting down")):
+                    refused.append(details)
+                    if proc.poll() is not None or len(refused) > 50:
+                        break
+                    time.sleep(0.05)
+                else:
+                    cut.append(f"{error.code().name}: {details}")
+        watcher.join(timeout=30)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    assert cut == [], cut
+    assert answered >= 3
+    assert statuses[0] == health_pb2.HealthCheckResponse.SERVING
+    assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses, statuses
 
 
 def test_bad_settings_exit_2_with_one_sentence(tmp_path: Path) -> None:

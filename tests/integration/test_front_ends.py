@@ -241,3 +241,23 @@ def test_model_config_says_where_forward_passes_run(compute: str, demo_registry:
         assert "compute" not in unloaded.parameters
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("compression", [grpc.Compression.Gzip, grpc.Compression.Deflate])
+@pytest.mark.parametrize("frontend", FRONT_ENDS)
+def test_compressed_calls_are_answered(
+    frontend: str, compression: grpc.Compression, demo_registry: Registry
+) -> None:
+    server = start(frontend, demo_registry)
+    try:
+        request = pb.ModelInferRequest(model_name="doubler")
+        request.inputs.add(name="x", datatype="FP32", shape=[2, 1])
+        request.raw_input_contents.append(np.array([1.0, 2.0], np.float32).tobytes())
+        with grpc.insecure_channel(server.target, compression=compression) as channel:
+            response = channel.unary_unary(
+                method_path("ModelInfer"), response_deserializer=pb.ModelInferResponse.FromString
+            )(request.SerializeToString(), timeout=30)
+        assert np.frombuffer(response.raw_output_contents[0], np.float32).tolist() == [3.0, 5.0]
+        assert_serving(server.target)
+    finally:
+        server.stop()
