@@ -130,9 +130,9 @@ class EnvoyProcess:
             "1",
             "--log-level",
             "error",
-            # A graceful drain sends every connection its GOAWAY at once and closes the
-            # listener at once: in-flight streams finish, new calls find the port closed
-            # (our own drain then waits for the in-flight ones).
+            # A graceful drain closes the listener at once: new connections find the port
+            # closed, while open ones go on (the application refuses their new calls, and
+            # our drain waits for the in-flight ones).
             "--drain-strategy",
             "immediate",
             "--drain-time-s",
@@ -226,10 +226,11 @@ class EnvoyProcess:
     async def drain(self, grace: float) -> None:
         """Tell the application, stop taking calls, let in-flight ones finish (up to `grace`).
 
-        The application first hears of it through the drain file: it reports not ready and
-        ends its watch streams, which would otherwise hold the drain for the whole grace.
-        Then Envoy drains gracefully: every connection gets a GOAWAY (in-flight streams
-        finish, new calls go elsewhere) and the listener closes."""
+        The application first hears of it through the drain file: it reports not ready,
+        ends its watch streams (which would otherwise hold the drain for the whole grace)
+        and refuses new calls with UNAVAILABLE. Then Envoy closes its listener, and this
+        waits until no request is active (three polls running: one zero could fall
+        between two back-to-back calls)."""
         if self.exit_code() is not None or not self._admin:
             return
         deadline = time.monotonic() + grace
