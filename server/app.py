@@ -15,7 +15,6 @@ import grpc
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
 
-from moduleserve.client.pb import oip_v2_pb2
 from moduleserve.server.config import ServerSettings
 from moduleserve.server.core import Core
 from moduleserve.server.engine.cache import ModelCache
@@ -34,8 +33,6 @@ from moduleserve.server.workers import (
 )
 
 logger = logging.getLogger(__name__)
-
-OIP_PROTO_SERVICE = oip_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
 class App:

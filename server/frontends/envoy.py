@@ -285,9 +285,6 @@ class EnvoyFrontEnd:
         self._dir = tempfile.TemporaryDirectory(prefix="moduleserve-envoy-")
         self.processes: list[EnvoyProcess] = []
         self.port = 0
-        self.metrics_port = 0
-        self.device = ""
-        self.state: dict[str, Any] = {}
 
     async def start(self, timeout: float = 600) -> int:
         """Start the first process, then the others on its port; returns the port."""
@@ -296,9 +293,6 @@ class EnvoyFrontEnd:
         self.processes.append(first)
         first.spawn()
         self.port = await first.wait_ready(timeout)
-        self.metrics_port = int(first.state.get("metrics_port") or 0)
-        self.device = str(first.state.get("device", ""))
-        self.state = first.state
         # The others: this port, no metrics endpoint of their own (it would clash).
         others = self.settings.model_copy(update={"grpc_port": self.port, "metrics_port": None})
         for index in range(1, self.workers):
@@ -308,6 +302,20 @@ class EnvoyFrontEnd:
         for process in self.processes[1:]:
             await process.wait_ready(timeout)
         return self.port
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """What the first process's application reported at start (metrics port, device,
+        models)."""
+        return self.processes[0].state if self.processes else {}
+
+    @property
+    def metrics_port(self) -> int:
+        return int(self.state.get("metrics_port") or 0)
+
+    @property
+    def device(self) -> str:
+        return str(self.state.get("device", ""))
 
     def exited(self) -> str | None:
         """Why a process stopped on its own, or None while all of them run."""

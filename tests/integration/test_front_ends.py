@@ -249,15 +249,23 @@ def test_compressed_calls_are_answered(
     frontend: str, compression: grpc.Compression, demo_registry: Registry
 ) -> None:
     server = start(frontend, demo_registry)
+    # 768 zero bytes compress well (a client sends a message uncompressed when
+    # compressing would not make it smaller).
+    request = pb.ModelInferRequest(model_name="mynet")
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 3, 8, 8])
+    request.raw_input_contents.append(bytes(3 * 8 * 8 * 4))
     try:
-        request = pb.ModelInferRequest(model_name="doubler")
-        request.inputs.add(name="x", datatype="FP32", shape=[2, 1])
-        request.raw_input_contents.append(np.array([1.0, 2.0], np.float32).tobytes())
-        with grpc.insecure_channel(server.target, compression=compression) as channel:
-            response = channel.unary_unary(
-                method_path("ModelInfer"), response_deserializer=pb.ModelInferResponse.FromString
-            )(request.SerializeToString(), timeout=30)
-        assert np.frombuffer(response.raw_output_contents[0], np.float32).tolist() == [3.0, 5.0]
+        answers = []
+        for channel_compression in (compression, grpc.Compression.NoCompression):
+            with grpc.insecure_channel(server.target, compression=channel_compression) as channel:
+                infer = channel.unary_unary(
+                    method_path("ModelInfer"),
+                    response_deserializer=pb.ModelInferResponse.FromString,
+                )
+                answers.append(infer(request.SerializeToString(), timeout=30))
+        compressed, plain = answers
+        assert compressed.raw_output_contents == plain.raw_output_contents
+        assert len(compressed.raw_output_contents[0]) == 40
         assert_serving(server.target)
     finally:
         server.stop()

@@ -14,8 +14,7 @@ import torch
 
 from moduleserve.server.engine.batcher import DynamicBatcher
 from moduleserve.server.errors import DeadlineExceededError
-
-TIMEOUT = 2.0
+from tests.unit.test_batcher import TIMEOUT, row
 
 
 class Recorder:
@@ -43,10 +42,6 @@ async def inline(compute: Recorder, **options: Any) -> AsyncIterator[DynamicBatc
         yield batcher
     finally:
         await asyncio.wait_for(batcher.stop(), TIMEOUT)
-
-
-def row(value: float) -> dict[str, torch.Tensor]:
-    return {"x": torch.tensor([[value]])}
 
 
 @pytest.mark.asyncio
