@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -104,3 +105,30 @@ def trainer(request: pytest.FixtureRequest, demo_registry: Registry) -> Iterator
     server = ServerThread(settings) if request.param == "grpc" else EnvoyServer(settings)
     yield server
     server.stop()
+
+
+class _AsyncioErrors(logging.Handler):
+    """Collects what asyncio logs at ERROR: a task's exception nobody retrieved, a callback
+    that raised. Those never reach the test that caused them on their own."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seen.append(self.format(record))
+
+
+@pytest.fixture(autouse=True)
+def _fail_on_asyncio_errors() -> Iterator[None]:
+    """An exception in an asyncio task or callback (on any loop, any thread) fails the test."""
+    handler = _AsyncioErrors()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    asyncio_logger = logging.getLogger("asyncio")
+    asyncio_logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        asyncio_logger.removeHandler(handler)
+    if handler.seen:
+        pytest.fail("asyncio logged errors:\n" + "\n".join(handler.seen), pytrace=False)
