@@ -151,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moduleserve", description="Call a moduleserve server.")
     parser.add_argument("--version", action="version", version=version_text())
     parser.add_argument("--target", default=DEFAULT_TARGET, help=f"host:port ({DEFAULT_TARGET})")
-    parser.add_argument("--token", help="bearer token for load/unload")
+    parser.add_argument(
+        "--token", help="bearer token (load/unload; reads where read tokens are set)"
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
     parser.add_argument(
         "--json", action="store_true", help="print JSON for scripts (also after the command)"

@@ -140,13 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--read-token",
         action="append",
         dest="read_tokens",
-        help="bearer token for reading jobs (default: reading needs none)",
+        help="bearer token for reads: weights, registry, jobs, inference (default: none needed)",
     )
     add(
         "--read-token-file",
         type=Path,
         metavar="PATH",
-        help="file of bearer tokens for reading jobs, one per line",
+        help="file of bearer tokens for reads, one per line",
     )
     add(
         "--job-workers",

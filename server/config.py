@@ -73,7 +73,8 @@ class ServerSettings(JobWorkerSettings):
     `moduleserve-worker` elsewhere). SQLite registries take one."""
 
     read_tokens: list[str] = Field(default_factory=list)
-    """Bearer tokens accepted for reading jobs; empty: reading needs no token."""
+    """Bearer tokens accepted for reads (weights, registry, jobs, inference; security.py's
+    table); empty: reads need no token."""
 
     frontend: Literal["auto", "envoy", "grpc"] = "auto"
     """What speaks the wire: `envoy` (gRPC and KServe V2 REST on one port, HTTP/2 in
@@ -144,7 +145,9 @@ class ServerSettings(JobWorkerSettings):
     """How long in-flight requests may finish after SIGTERM."""
 
     tokens: list[str] = Field(default_factory=list)
-    """Bearer tokens accepted for mutating RPCs (load, unload); empty: none required."""
+    """Admin bearer tokens: accepted by every call, and the only ones mutating calls accept
+    (with read tokens but none of these, nothing can mutate over the wire); empty, with no
+    read tokens either: no call needs a token."""
 
     token_file: Path | None = None
     """File of more `tokens`, one per line (blank lines and `#` comments skipped): unlike

@@ -24,7 +24,7 @@ from moduleserve.server.config import ServerSettings
 from moduleserve.server.dataplane import DataPlane
 from moduleserve.server.engine.cache import ModelCache
 from moduleserve.server.engine.devices import DeviceExecutors, resolve_device
-from moduleserve.server.security import Authorizer
+from moduleserve.server.security import AccessGuard, Authorizer
 from moduleserve.server.servicers.introspection import IntrospectionServicer
 from moduleserve.server.servicers.jobs import DatasetsServicer, JobsServicer
 from moduleserve.server.servicers.oip import InferenceServicer, oip_handler
@@ -57,11 +57,15 @@ class Core:
             self.registry, settings, self.executors, self.device, on_status=self._model_status
         )
         self.auth = Authorizer(settings.tokens, settings.read_tokens)
-        self.plane = DataPlane(self.cache, self.registry, self.auth)
-        self.jobs = JobsServicer(self.registry, self.auth)
+        self.plane = DataPlane(self.cache, self.registry)
+        self.jobs = JobsServicer(self.registry)
 
     def add_services(self, server: HandlerRegistry) -> None:
-        """Register every service: OIP (under both names), ours, health and reflection."""
+        """Register every service: OIP (under both names), ours, health and reflection.
+
+        Each handler goes through `AccessGuard`, which applies security.GRPC_ACCESS: no
+        handler checks tokens itself."""
+        server = AccessGuard(server, self.auth)
         # Triton's wire name for existing clients, and our package's name for reflection users.
         handler = oip_handler(InferenceServicer(self.plane))
         server.add_generic_rpc_handlers([handler, _renamed(handler)])
@@ -71,7 +75,7 @@ class Core:
         )
         moduleserve_v1_pb2_grpc.add_JobsServicer_to_server(self.jobs, server)
         moduleserve_v1_pb2_grpc.add_DatasetsServicer_to_server(
-            DatasetsServicer(self.registry, self.auth), server
+            DatasetsServicer(self.registry), server
         )
         services = moduleserve_v1_pb2.DESCRIPTOR.services_by_name
         names = [

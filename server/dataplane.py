@@ -25,7 +25,6 @@ from moduleserve.server.config import BatchingSettings
 from moduleserve.server.engine.batcher import BatcherStats
 from moduleserve.server.engine.cache import LoadedModel, ModelCache
 from moduleserve.server.inference import infer
-from moduleserve.server.security import Authorizer
 
 EXTENSIONS = [
     "model_repository",
@@ -95,10 +94,9 @@ class IndexEntry:
 class DataPlane:
     """Inference, readiness, metadata, statistics and the repository over the model cache."""
 
-    def __init__(self, cache: ModelCache, registry: Registry, auth: Authorizer) -> None:
+    def __init__(self, cache: ModelCache, registry: Registry) -> None:
         self.cache = cache
         self.registry = registry
-        self.auth = auth
         self.ready = False
         """True once the server has started (and loaded what it loads at start)."""
 
@@ -185,15 +183,13 @@ class DataPlane:
             return "UNAVAILABLE", "unloaded (loads on RepositoryModelLoad only)"
         return "UNAVAILABLE", "unloaded (loads on first request or RepositoryModelLoad)"
 
-    async def load(self, model: str, ref: str = "", *, authorization: str | None) -> None:
-        """Load (and warm up) a version; needs an admin token when tokens are configured."""
-        self.auth.check_header(authorization)
+    async def load(self, model: str, ref: str = "") -> None:
+        """Load (and warm up) a version."""
         require_name(model)
         await self.cache.load(model, ref)
 
-    async def unload(self, model: str, *, authorization: str | None) -> None:
+    async def unload(self, model: str) -> None:
         """Unload every loaded version of `model` (unknown model: NOT_FOUND)."""
-        self.auth.check_header(authorization)
         require_name(model)
         if not await self.cache.unload(model):
             await asyncio.to_thread(self.registry.checkpoints.get_model, model)

@@ -108,7 +108,7 @@ class ServerApplication:
         drain_file = os.environ.get(DRAIN_FILE_ENV)
         if drain_file:
             self._drain_watch = asyncio.create_task(self._on_drain(Path(drain_file)))
-        self._rest = RestApp(core.plane, limit)
+        self._rest = RestApp(core.plane, core.auth, limit)
         models = await asyncio.to_thread(core.registry.checkpoints.list_models)
         _report(
             {

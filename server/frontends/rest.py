@@ -9,7 +9,7 @@ with the HTTP status of the domain error's gRPC code (`rest_http.HTTP_STATUS`).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,7 @@ from moduleserve.server.frontends.rest_json import (
     server_metadata_json,
     statistics_json,
 )
+from moduleserve.server.security import HTTP_CARRIER, Authorizer, rest_access
 
 BINARY_HEADERS = [(b"content-type", b"application/octet-stream")]
 
@@ -49,6 +50,8 @@ class Call:
     receive: Receive
     model: str = ""
     version: str = ""
+    route: str = ""
+    """The route's pattern (as `routes()` gives it): its access is security.REST_ACCESS's."""
 
 
 @dataclass
@@ -72,8 +75,11 @@ Handler = Callable[["RestApp", Call], Awaitable[Reply]]
 class RestApp:
     """ASGI callable answering the V2 REST protocol for one DataPlane."""
 
-    def __init__(self, plane: DataPlane, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+    def __init__(
+        self, plane: DataPlane, auth: Authorizer, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    ) -> None:
         self.plane = plane
+        self.auth = auth
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -90,6 +96,9 @@ class RestApp:
                     f"{scope['method'][:16]} is not allowed on {scope['path'][:200]}; use {method}",
                     [(b"allow", method.encode())],
                 )
+            # The one access check of every route (no handler checks tokens itself).
+            what = f"{method} {scope['path'][:200]}"
+            self.auth.require(rest_access(method, call.route), _auth(call), what, HTTP_CARRIER)
             reply = await handler(self, call)
         except _Disconnected:
             return
@@ -106,12 +115,14 @@ class RestApp:
         if parts[0] == "v2":
             rest = parts[1:]
             if not rest:
+                call.route = "/v2"
                 return "GET", RestApp._server_metadata, call
             found = _FIXED.get(tuple(rest))
             if found is not None:
+                call.route = _fixed_route(rest)
                 return (*found, call)
             if len(rest) == 4 and rest[:2] == ["repository", "models"] and rest[3] in _REPO:
-                call.model = rest[2]
+                call.model, call.route = rest[2], _repo_route(rest[3])
                 return "POST", _REPO[rest[3]], call
             if len(rest) >= 2 and rest[0] == "models" and rest[1]:
                 call.model, tail = rest[1], rest[2:]
@@ -120,6 +131,7 @@ class RestApp:
                 if len(tail) <= 1:
                     found = _MODEL.get(tail[0] if tail else "")
                     if found is not None:
+                        call.route = _model_route(tail[0] if tail else "")
                         return (*found, call)
         raise HttpError(404, f"no such endpoint: {scope['path'][:200]}")
 
@@ -192,12 +204,12 @@ class RestApp:
         version = params.get("version", "")
         if isinstance(version, bool) or not isinstance(version, str | int):
             raise InvalidInputError("parameter 'version' must be a version number or alias")
-        await self.plane.load(call.model, str(version), authorization=_auth(call))
+        await self.plane.load(call.model, str(version))
         return Reply(200, [])
 
     async def _unload(self, call: Call) -> Reply:
         _parameters(json_object(await self._body(call)))  # unload_dependents: nothing depends
-        await self.plane.unload(call.model, authorization=_auth(call))
+        await self.plane.unload(call.model)
         return Reply(200, [])
 
 
@@ -236,3 +248,26 @@ _MODEL: dict[str, tuple[str, Handler]] = {
     "infer": ("POST", RestApp._infer),
 }
 _REPO: dict[str, Handler] = {"load": RestApp._load, "unload": RestApp._unload}
+
+
+def routes() -> Iterator[tuple[str, str]]:
+    """(HTTP method, route pattern) of every route: the keys security.REST_ACCESS must have."""
+    yield "GET", "/v2"
+    for parts, (method, _) in _FIXED.items():
+        yield method, _fixed_route(parts)
+    for tail, (method, _) in _MODEL.items():
+        yield method, _model_route(tail)
+    for action in _REPO:
+        yield "POST", _repo_route(action)
+
+
+def _fixed_route(parts: tuple[str, ...] | list[str]) -> str:
+    return "/v2/" + "/".join(parts)
+
+
+def _model_route(tail: str) -> str:
+    return "/v2/models/{model}[/versions/{version}]" + (f"/{tail}" if tail else "")
+
+
+def _repo_route(action: str) -> str:
+    return f"/v2/repository/models/{{model}}/{action}"

@@ -1,7 +1,7 @@
 """The Jobs and Datasets servicers (moduleserve.v1): thin adapters over server.jobs.api.
 
-Starting, cancelling and promoting jobs and uploading datasets need the admin token when
-tokens are configured; reading jobs needs a token only when read tokens are configured.
+Who may call which (admin to start, cancel, promote and upload, read for the rest) is
+security.GRPC_ACCESS, applied around every handler where they are registered.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from moduleserve.server.convert_jobs import (
     states_from_pb,
 )
 from moduleserve.server.jobs.api import create_job, follow_events
-from moduleserve.server.security import Authorizer
 from moduleserve.server.status import map_errors, map_stream_errors
 
 Context = grpc.aio.ServicerContext
@@ -37,9 +36,8 @@ MAX_LIST_LIMIT = 1000
 class JobsServicer(pb_grpc.JobsServicer):
     """Create, read, follow, cancel and promote fine-tuning jobs."""
 
-    def __init__(self, registry: Registry, auth: Authorizer) -> None:
+    def __init__(self, registry: Registry) -> None:
         self.registry = registry
-        self.auth = auth
         self.closing = asyncio.Event()
         """Set when the server stops: open WatchJob streams end instead of holding it up."""
 
@@ -47,7 +45,6 @@ class JobsServicer(pb_grpc.JobsServicer):
     async def CreateJob(
         self, request: pb.CreateJobRequest, context: Context
     ) -> pb.CreateJobResponse:
-        self.auth.check(context)
         spec = spec_from_pb(request.spec)
         job = await asyncio.to_thread(
             create_job,
@@ -63,13 +60,11 @@ class JobsServicer(pb_grpc.JobsServicer):
 
     @map_errors
     async def GetJob(self, request: pb.GetJobRequest, context: Context) -> pb.GetJobResponse:
-        self.auth.check_read(context)
         job = await asyncio.to_thread(self.registry.jobs.get, request.job_id)
         return pb.GetJobResponse(job=job_to_pb(job))
 
     @map_errors
     async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:
-        self.auth.check_read(context)
         if request.limit < 0 or request.limit > MAX_LIST_LIMIT:
             raise InvalidInputError(f"limit must be between 0 and {MAX_LIST_LIMIT}")
         jobs = await asyncio.to_thread(
@@ -84,7 +79,6 @@ class JobsServicer(pb_grpc.JobsServicer):
     async def WatchJob(
         self, request: pb.WatchJobRequest, context: Context
     ) -> AsyncIterator[pb.JobEvent]:
-        self.auth.check_read(context)
         await asyncio.to_thread(self.registry.jobs.get, request.job_id)  # NOT_FOUND up front
         events = follow_events(self.registry, request.job_id, request.after_seq, self.closing)
         async for event in events:
@@ -94,7 +88,6 @@ class JobsServicer(pb_grpc.JobsServicer):
     async def ListJobEvents(
         self, request: pb.ListJobEventsRequest, context: Context
     ) -> pb.ListJobEventsResponse:
-        self.auth.check_read(context)
         events = await asyncio.to_thread(
             self.registry.jobs.events, request.job_id, request.after_seq, max(request.limit, 0)
         )
@@ -104,7 +97,6 @@ class JobsServicer(pb_grpc.JobsServicer):
     async def CancelJob(
         self, request: pb.CancelJobRequest, context: Context
     ) -> pb.CancelJobResponse:
-        self.auth.check(context)
         job = await asyncio.to_thread(
             self.registry.jobs.request_cancel, request.job_id, _actor(context)
         )
@@ -114,7 +106,6 @@ class JobsServicer(pb_grpc.JobsServicer):
     async def PromoteJob(
         self, request: pb.PromoteJobRequest, context: Context
     ) -> pb.PromoteJobResponse:
-        self.auth.check(context)
         if request.epoch < 0:
             raise InvalidInputError(f"epoch must be >= 0 (0: the best), got {request.epoch}")
         version, epoch = await asyncio.to_thread(
@@ -135,15 +126,13 @@ class JobsServicer(pb_grpc.JobsServicer):
 class DatasetsServicer(pb_grpc.DatasetsServicer):
     """Upload (streamed in chunks) and list datasets."""
 
-    def __init__(self, registry: Registry, auth: Authorizer) -> None:
+    def __init__(self, registry: Registry) -> None:
         self.registry = registry
-        self.auth = auth
 
     @map_errors
     async def UploadDataset(
         self, request_iterator: AsyncIterator[pb.UploadDatasetRequest], context: Context
     ) -> pb.UploadDatasetResponse:
-        self.auth.check(context)
         upload: DatasetUpload | None = None
         try:
             async for message in request_iterator:
@@ -181,7 +170,6 @@ class DatasetsServicer(pb_grpc.DatasetsServicer):
     async def ListDatasets(
         self, request: pb.ListDatasetsRequest, context: Context
     ) -> pb.ListDatasetsResponse:
-        self.auth.check_read(context)
         datasets = await asyncio.to_thread(self.registry.datasets.list)
         return pb.ListDatasetsResponse(datasets=[dataset_to_pb(d) for d in datasets])
 

@@ -22,7 +22,6 @@ from moduleserve.server.convert_meta import (
     statistics_to_pb,
 )
 from moduleserve.server.dataplane import DataPlane
-from moduleserve.server.security import authorization_of
 from moduleserve.server.status import map_errors
 
 Context = grpc.aio.ServicerContext
@@ -125,18 +124,14 @@ class InferenceServicer:
         self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> pb.RepositoryModelLoadResponse:
         ref = request.parameters["version"].string_param if "version" in request.parameters else ""
-        await self.plane.load(
-            request.model_name, ref, authorization=authorization_of(context.invocation_metadata())
-        )
+        await self.plane.load(request.model_name, ref)
         return pb.RepositoryModelLoadResponse()
 
     @map_errors
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> pb.RepositoryModelUnloadResponse:
-        await self.plane.unload(
-            request.model_name, authorization=authorization_of(context.invocation_metadata())
-        )
+        await self.plane.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
 

@@ -87,11 +87,12 @@ async def rest_app(registry: Registry, **overrides: Any) -> AsyncIterator[RestAp
     reg = Registry(settings)
     executors = DeviceExecutors()
     cache = ModelCache(reg, settings, executors, resolve_device(settings.device))
-    plane = DataPlane(cache, reg, Authorizer(settings.tokens, settings.read_tokens))
+    plane = DataPlane(cache, reg)
     cache.start()
     plane.ready = True
     try:
-        yield RestApp(plane, max_body_bytes=max_body)
+        auth = Authorizer(settings.tokens, settings.read_tokens)
+        yield RestApp(plane, auth, max_body_bytes=max_body)
     finally:
         plane.ready = False
         await cache.close()
