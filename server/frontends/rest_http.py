@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import grpc
 
 from moduleserve.registry.errors import InvalidInputError
+from moduleserve.registry.numbers import parse_int
 from moduleserve.server.status import status_for
 
 logger = logging.getLogger(__name__)
@@ -79,7 +81,7 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
     so an oversize body is never held in memory.
     """
     declared = header(scope, b"content-length")
-    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+    if declared is not None and _content_length(declared) > limit:
         raise _too_large(limit)
     encoding = header(scope, b"content-encoding")
     if encoding and encoding.strip().lower() != "identity":
@@ -103,6 +105,11 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+def _content_length(value: str) -> int:
+    # HTTP's own whitespace only: str.strip() would also take '\x85' and '\u3000'.
+    return parse_int(value.strip(" \t"), "the Content-Length header")
+
+
 def _too_large(limit: int) -> HttpError:
     return HttpError(413, f"the request body is larger than the server's limit of {limit} bytes")
 
@@ -120,6 +127,9 @@ def parse_json(data: bytes | memoryview, what: str = "the request body") -> Any:
         ) from None
     except RecursionError:
         raise InvalidInputError(f"{what} nests JSON too deeply") from None
+    except ValueError:  # int() refuses more than sys.get_int_max_str_digits() digits
+        limit = sys.get_int_max_str_digits()
+        raise InvalidInputError(f"{what} holds an integer of more than {limit} digits") from None
 
 
 def json_object(body: bytes | memoryview, what: str = "the request body") -> dict[str, Any]:

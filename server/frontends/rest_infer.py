@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from moduleserve.registry.errors import InvalidInputError
+from moduleserve.registry.numbers import INT64_MAX, UINT64_MAX, is_json_int, json_int, parse_int
 from moduleserve.server.convert import (
     Datatype,
     _check_shape,
@@ -80,20 +81,17 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
             request.binary_outputs[name] = _bool(params, "binary_data", f"output {name!r}")
     params = _object(head.get("parameters", {}), "the request's 'parameters'")
     request.binary_default = _bool(params, "binary_data_output", "the request")
-    request.priority = _int(params, "priority")
-    timeout_us = _int(params, "timeout")  # the OIP timeout parameter, in microseconds
+    # Both unsigned 64-bit in the Open Inference Protocol; gRPC clients cannot send more.
+    request.priority = _int(params, "priority", high=UINT64_MAX)
+    timeout_us = _int(params, "timeout", high=UINT64_MAX)  # microseconds
     if timeout_us > 0:
         request.deadline = time.monotonic() + timeout_us / 1e6
     return request
 
 
 def _header_length(value: str, body_length: int) -> int:
-    text = value.strip()
-    if not text.isdigit():
-        raise InvalidInputError(
-            f"the Inference-Header-Content-Length header must be a byte count, got {text[:32]!r}"
-        )
-    length = int(text)
+    # Only HTTP's own whitespace around the value: str.strip() would also take '\x85'.
+    length = parse_int(value.strip(" \t"), "the Inference-Header-Content-Length header")
     if length == 0:
         raise InvalidInputError(
             "a raw binary request (Inference-Header-Content-Length: 0) is not supported; "
@@ -118,7 +116,7 @@ def _input(item: Any, binary: memoryview) -> tuple[str, torch.Tensor, int]:
         raise InvalidTensorError(name, "needs a 'datatype' string such as \"FP32\"")
     row, dtype = _row_for_input(name, datatype)
     raw_shape = item.get("shape")
-    if not isinstance(raw_shape, list) or not all(_is_int(d) for d in raw_shape):
+    if not isinstance(raw_shape, list) or not all(is_json_int(d) for d in raw_shape):
         raise InvalidTensorError(name, "needs a 'shape' array of integers")
     shape = tuple(raw_shape)
     _check_shape(name, shape)
@@ -129,8 +127,6 @@ def _input(item: Any, binary: memoryview) -> tuple[str, torch.Tensor, int]:
             raise InvalidTensorError(name, "has no 'data' and no 'binary_data_size' parameter")
         return name, _from_json(name, row, shape, count, item["data"]), 0
     size = _int(params, "binary_data_size", f"input {name!r}")
-    if size < 0:
-        raise InvalidTensorError(name, f"binary_data_size must not be negative, got {size}")
     if "data" in item:
         raise InvalidTensorError(name, "has both 'data' and binary_data_size; send one")
     if size > len(binary):
@@ -253,15 +249,11 @@ def _id(head: dict[str, Any]) -> str | None:
     return value
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _int(params: dict[str, Any], key: str, owner: str = "the request") -> int:
-    value = params.get(key, 0)
-    if not _is_int(value):
-        raise InvalidInputError(f"{owner}: parameter {key!r} must be an integer")
-    return int(value)
+def _int(
+    params: dict[str, Any], key: str, owner: str = "the request", high: int = INT64_MAX
+) -> int:
+    """An integer parameter, 0 when absent: a JSON integer from 0 to `high`."""
+    return json_int(params.get(key, 0), f"{owner}: parameter {key!r}", 0, high)
 
 
 def _bool(params: dict[str, Any], key: str, owner: str) -> bool:

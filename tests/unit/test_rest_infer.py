@@ -118,14 +118,26 @@ def test_fp16_and_bf16_come_binary() -> None:
 @pytest.mark.parametrize(
     ("size", "extra", "length", "sentence"),
     [
-        (16, b"", "x", "Inference-Header-Content-Length header must be a byte count"),
+        (16, b"", "x", "the Inference-Header-Content-Length header must be a whole number from 0"),
         (16, b"", "0", "raw binary request (Inference-Header-Content-Length: 0) is not supported"),
         (16, b"", "99999", "says 99999 bytes, but the body has only"),
         (12, b"", None, "expected 16 bytes of FP32 data for shape [2, 2], got 12"),
         (32, b"", None, "binary_data_size is 32, but only 16 bytes of binary data are left"),
         (16, b"more", None, "holds 20 bytes of binary data after its JSON header"),
-        (-1, b"", None, "binary_data_size must not be negative"),
-        ("16", b"", None, "parameter 'binary_data_size' must be an integer"),
+        (
+            -1,
+            b"",
+            None,
+            "input 'x': parameter 'binary_data_size' must be a whole number from 0 "
+            "to 9223372036854775807, got -1",
+        ),
+        (
+            "16",
+            b"",
+            None,
+            "parameter 'binary_data_size' must be a whole number from 0 to "
+            "9223372036854775807, got '16'",
+        ),
     ],
 )
 def test_binary_inputs_refused_with_a_sentence(
@@ -162,7 +174,11 @@ def test_request_parameters_and_outputs() -> None:
     ("extra", "sentence"),
     [
         ({"id": 3}, "the request's 'id' must be a string"),
-        ({"parameters": {"priority": 1.5}}, "parameter 'priority' must be an integer"),
+        (
+            {"parameters": {"priority": 1.5}},
+            "the request: parameter 'priority' must be a whole "
+            "number from 0 to 18446744073709551615, got 1.5",
+        ),
         ({"parameters": {"binary_data_output": 1}}, "'binary_data_output' must be true or false"),
         ({"parameters": []}, "the request's 'parameters' must be a JSON object"),
         ({"outputs": {}}, "the request's 'outputs' must be a JSON array"),
