@@ -9,11 +9,13 @@ malformed tensor with the same sentence.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import numpy as np
 import torch
 
@@ -29,11 +31,19 @@ from moduleserve.server.convert import (
 )
 from moduleserve.server.dataplane import InferResult
 from moduleserve.server.errors import InvalidTensorError
-from moduleserve.server.frontends.rest_http import dumps, json_object
+from moduleserve.server.frontends.rest_http import ENCODER
+from moduleserve.server.frontends.rest_sliced import DecodedArray, loads_sliced, yield_gil
 
 # What numpy infers from JSON values, per kind of datatype: ints also fit a float input.
 _KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
 _KIND_WORDS = {"b": "true or false", "iu": "integers", "iuf": "numbers"}
+
+ENCODE_SLICE = 8 * 1024
+"""Values written per JSON encoder call (~1 ms): the GIL is held for one call at a time."""
+
+# Where a JSON output's values go in the encoded header: msgspec writes a NUL inside a
+# string as \u0000, so a raw NUL byte can only be this marker.
+_SPLICE = b"\x00"
 
 
 @dataclass
@@ -53,7 +63,7 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
     """Decode a request body; every malformation is an InvalidInputError sentence."""
     view = memoryview(body)
     split = len(view) if header_length is None else _header_length(header_length, len(view))
-    head = json_object(view[:split])
+    head = loads_sliced(body if split == len(view) else bytes(view[:split]))
     binary = view[split:]
     inputs = _list(head, "inputs", required=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -147,20 +157,15 @@ def _from_json(
             f"datatype {row.name} cannot be sent as JSON numbers; send it as binary data "
             "(the binary_data_size parameter)",
         )
-    if not isinstance(data, list):
-        raise InvalidTensorError(name, "'data' must be a JSON array")
-    try:
-        values = np.asarray(data)
-    except (ValueError, OverflowError):
-        raise InvalidTensorError(
-            name, "'data' is ragged: nested arrays must each hold the same number of values"
-        ) from None
+    values = _asarray(name, data)
     if values.size != count:
         raise InvalidTensorError(
             name, f"expected {count} {row.name} values for shape {list(shape)}, got {values.size}"
         )
     if count and row.numpy.kind in "iu" and values.dtype.kind in "fO":
-        values = _exact_integers(name, row, data)
+        values = _exact_integers(
+            name, row, data.to_list() if isinstance(data, DecodedArray) else data
+        )
     if count:
         kinds = _KINDS[row.numpy.kind]
         if values.dtype.kind not in kinds:
@@ -172,6 +177,20 @@ def _from_json(
                     name, f"a value is out of range for {row.name} ({info.min} to {info.max})"
                 )
     return torch.from_numpy(values.astype(row.numpy).reshape(shape))
+
+
+def _asarray(name: str, data: Any) -> np.ndarray:
+    """np.asarray(data) of a JSON array, or the array rest_sliced decoded already."""
+    if isinstance(data, DecodedArray):
+        return data.values
+    if not isinstance(data, list):
+        raise InvalidTensorError(name, "'data' must be a JSON array")
+    try:
+        return np.asarray(data)
+    except (ValueError, OverflowError):
+        raise InvalidTensorError(
+            name, "'data' is ragged: nested arrays must each hold the same number of values"
+        ) from None
 
 
 def _exact_integers(name: str, row: Datatype, data: list[Any]) -> np.ndarray:
@@ -191,8 +210,13 @@ def _exact_integers(name: str, row: Datatype, data: list[Any]) -> np.ndarray:
 def encode_response(
     model: str, request: InferRequest, result: InferResult
 ) -> tuple[list[bytes], int]:
-    """The response body parts (JSON header, then binary outputs) and the header's length."""
+    """The response body parts and the length of its JSON header.
+
+    The header comes in pieces with each JSON output's values between them, never copied
+    into one buffer (a copy of a 60 MB array holds the GIL for tens of milliseconds);
+    binary outputs follow it."""
     outputs: list[dict[str, Any]] = []
+    arrays: list[bytes] = []
     binaries: list[bytes] = []
     for name, tensor in result.outputs.items():
         host = tensor.detach().cpu()
@@ -208,14 +232,41 @@ def encode_response(
             entry["parameters"] = {"binary_data_size": len(data)}
             binaries.append(data)
         else:
-            entry["data"] = host.numpy().ravel().tolist()
+            entry["data"] = msgspec.Raw(_SPLICE)
+            arrays.append(_json_array(host.numpy().ravel()))
         outputs.append(entry)
     head: dict[str, Any] = {"model_name": model, "model_version": str(result.version)}
     if request.id is not None:
         head["id"] = request.id
     head["outputs"] = outputs
-    header = dumps(head)
-    return [header, *binaries], len(header)
+    pieces = ENCODER.encode(head).split(_SPLICE)  # not dumps(): the stdlib has no Raw
+    header = [pieces[0]]
+    for array, piece in zip(arrays, pieces[1:], strict=True):
+        header += [array, piece]
+    return [*header, *binaries], sum(len(part) for part in header)
+
+
+def _json_array(flat: np.ndarray) -> bytes:
+    """A JSON array of `flat`'s values, ENCODE_SLICE values per encoder call, joined by
+    one bytes.join (which copies without the GIL).
+
+    NaN and infinities are written as the stdlib always wrote them (NaN, Infinity,
+    -Infinity, which Python's json and tritonclient's rapidjson read), where msgspec
+    would write null: slices holding any go through the stdlib."""
+    parts = [b"["]
+    for start in range(0, flat.size, ENCODE_SLICE):
+        if start:
+            yield_gil()
+            parts.append(b",")
+        piece = flat[start : start + ENCODE_SLICE]
+        values = piece.tolist()
+        if piece.dtype.kind == "f" and not np.isfinite(piece).all():
+            encoded = json.dumps(values, separators=(",", ":")).encode()
+        else:
+            encoded = ENCODER.encode(values)
+        parts.append(encoded[1:-1])  # bytes, not memoryview: join drops the GIL for bytes only
+    parts.append(b"]")
+    return b"".join(parts)
 
 
 def _raw_bytes(host: torch.Tensor) -> bytes:
@@ -246,6 +297,13 @@ def _id(head: dict[str, Any]) -> str | None:
     value = head.get("id")
     if value is not None and not isinstance(value, str):
         raise InvalidInputError("the request's 'id' must be a string")
+    if value is not None and not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:  # a lone surrogate escape: no UTF-8 answer can hold it
+            raise InvalidInputError(
+                "the request's 'id' must be text without lone surrogates"
+            ) from None
     return value
 
 
