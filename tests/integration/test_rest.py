@@ -295,7 +295,7 @@ BAD = [
     ("digits past int()", "POST", "/v2/models/doubler/infer",
      b'{"inputs": [], "id": ' + b"9" * 5000 + b"}", 400,
      "the request body holds an integer of more than 4300 digits"),
-    ("unicode digit version", "GET", "/v2/models/doubler/versions/%D9%A3", b"", 400,
+    ("unicode digit version", "GET", "/v2/models/doubler/versions/٣", b"", 400,
      "invalid version"),
 ]  # fmt: skip
 
