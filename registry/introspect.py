@@ -13,7 +13,6 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import math
-import re
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from types import EllipsisType
 
@@ -32,6 +31,7 @@ from moduleserve.client.introspection_results import (
     Totals,
 )
 from moduleserve.registry.errors import InvalidInputError
+from moduleserve.registry.numbers import INT64_MAX, INT64_MIN, InvalidNumberError, parse_int
 
 # 4M float64 elements = 32 MiB of working memory per chunk, yet few enough kernel launches.
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
@@ -39,7 +39,6 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 22
 DEFAULT_MAX_ELEMENTS = 1 << 18
 _MAX_SLICE_CHARS = 1024
 _MAX_PATTERN_CHARS = 1024
-_INT_RE = re.compile(r"[+-]?\d{1,19}")
 
 
 class IntrospectionError(Exception):
@@ -421,10 +420,11 @@ def _parse_int(text: str, part: str) -> int | None:
     """Return the integer in ``part``, None when it is empty; reject anything else."""
     if not part:
         return None
-    if not _INT_RE.fullmatch(part):
+    try:
+        return parse_int(part, "a slice bound", INT64_MIN, INT64_MAX)
+    except InvalidNumberError:
         reason = f"{part!r} is not an integer, a slice like 1:5:2, ':' or '...'"
-        raise InvalidSliceError(text, reason)
-    return int(part)
+        raise InvalidSliceError(text, reason) from None
 
 
 def _named_tensors(module: nn.Module) -> Iterator[tuple[str, TensorKind, torch.Tensor]]:

@@ -6,6 +6,7 @@ import re
 
 from moduleserve.client.refs import split_ref
 from moduleserve.registry.errors import InvalidInputError, InvalidNameError, shorten
+from moduleserve.registry.numbers import InvalidNumberError, parse_int
 
 # Names end up in file paths, URLs and CLI arguments: keep them to a safe alphabet.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -13,7 +14,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 ALIAS_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")
 NAME_RULE = "use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
 ALIAS_RULE = "use 1-64 letters, digits, '.', '_' or '-', starting with a letter"
-# ASCII digits only: str.isdigit() also takes '²' (which int() refuses) and '٣'.
+# Tells a version from an alias; the number itself is read by registry/numbers.py.
 VERSION_PATTERN = re.compile(r"[0-9]+")
 # Versions are a 32-bit INTEGER column on PostgreSQL; a larger number can name nothing.
 MAX_VERSION = 2**31 - 1
@@ -48,6 +49,8 @@ def parse_model_ref(text: str) -> tuple[str, str]:
 def parse_ref(ref: str | int) -> int | str:
     """The one parser of version refs: a number (1, 2, 3…) as an int, an alias as itself,
     "" (the default) as ""; anything else raises InvalidInputError."""
+    if isinstance(ref, bool):  # JSON true is not version 1
+        raise InvalidInputError(f"invalid version {ref!r}: {VERSION_RULE}")
     if isinstance(ref, int):
         return check_version(ref)
     if not ref:
@@ -63,12 +66,13 @@ def parse_ref(ref: str | int) -> int | str:
 
 
 def parse_version(text: str) -> int:
-    """Parse a version number (1, 2, 3…)."""
-    digits = text.lstrip("0") or "0"
-    # More digits than MAX_VERSION has is out of range anyway, and int() refuses thousands.
-    if not VERSION_PATTERN.fullmatch(text) or len(digits) > len(str(MAX_VERSION)):
-        raise InvalidInputError(f"invalid version {shorten(text, QUOTED_CHARS)!r}: {VERSION_RULE}")
-    return check_version(int(digits))
+    """Parse a version number (1, 2, 3…) written in ASCII digits."""
+    try:
+        return parse_int(text, "version", 1, MAX_VERSION)
+    except InvalidNumberError:
+        raise InvalidInputError(
+            f"invalid version {shorten(text, QUOTED_CHARS)!r}: {VERSION_RULE}"
+        ) from None
 
 
 def check_version(number: int) -> int:

@@ -126,8 +126,14 @@ def _batch_size_buckets(batch_sizes: Mapping[int, int]) -> list[tuple[str, float
     return [*buckets, ("+Inf", sum(batch_sizes.values()))]
 
 
-READ_TIMEOUT_S = 10.0
-"""How long a connection may take to send a request (or sit idle between requests)."""
+IDLE_TIMEOUT_S = 5.0
+"""How long an open connection may wait before its next request starts (keep-alive)."""
+
+HEAD_TIMEOUT_S = 5.0
+"""How long a request head may take to arrive once its first byte has."""
+
+WRITE_TIMEOUT_S = 10.0
+"""How long a client may take to read its answer."""
 
 MAX_REQUEST_HEAD = 16 * 1024
 """Largest request line plus headers accepted; a scrape sends a few hundred bytes."""
@@ -135,21 +141,33 @@ MAX_REQUEST_HEAD = 16 * 1024
 METRICS_PATHS = ("/metrics", "/")
 
 MAX_CONNECTIONS = 64
-"""Open connections at most; more are closed at once (the gRPC server needs descriptors too)."""
+"""Open connections at most (the gRPC server needs descriptors too). At the cap a new
+connection still gets in: the one that has waited longest for a request is closed."""
 
 
 class MetricsServer:
     """`GET /metrics` over HTTP on the running event loop.
 
     prometheus_client's own server starts a thread per connection, so every idle connection
-    held one; here an idle connection is a suspended coroutine, closed after READ_TIMEOUT_S.
+    held one; here an idle connection is a suspended coroutine. Idle connections cannot
+    lock a scraper out: each waits IDLE_TIMEOUT_S at most for its next request (and
+    HEAD_TIMEOUT_S for the rest of it), and when MAX_CONNECTIONS are open a newcomer
+    takes the place of the connection that has waited longest, never of one being answered.
     """
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
+        head_timeout_s: float = HEAD_TIMEOUT_S,
+    ) -> None:
         self._registry = registry
+        self._idle_timeout_s, self._head_timeout_s = idle_timeout_s, head_timeout_s
         self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._open: set[asyncio.StreamWriter] = set()  # counted against MAX_CONNECTIONS
+        self._tasks: set[asyncio.Task[None]] = set()  # every handler, closed ones' too
+        # Connections waiting for a request, longest-waiting first (a dict keeps order).
+        self._waiting: dict[asyncio.StreamWriter, None] = {}
         self.port = 0
 
     async def start(self, host: str, port: int) -> int:
@@ -162,10 +180,10 @@ class MetricsServer:
         """Stop listening, drop every open connection and wait for their handlers."""
         if self._server is not None:
             self._server.close()
-        for writer in self._writers:
-            writer.close()
-        for task in self._tasks:
-            task.cancel()
+        # Aborted, not cancelled: each handler then ends on its own (a cancelled one makes
+        # asyncio's stream callback log an error), even one blocked writing to a client.
+        for writer in self._open:
+            writer.transport.abort()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
@@ -173,29 +191,52 @@ class MetricsServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Answer requests on one connection until the client closes it, errs or idles."""
         task = asyncio.current_task()
-        if len(self._writers) >= MAX_CONNECTIONS or task is None:
-            writer.close()
+        at_cap = len(self._open) >= MAX_CONNECTIONS
+        if task is None or (at_cap and not self._close_longest_idle()):
+            writer.close()  # every open connection is being answered right now
             return
-        self._writers.add(writer)
+        self._open.add(writer)
         self._tasks.add(task)
         try:
             keep_alive = True
             while keep_alive:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
+                self._waiting[writer] = None  # the newest waiter, last to be closed
+                head = await self._read_head(reader)
+                if writer.is_closing():
+                    break  # closed for a newcomer just as its request arrived
+                del self._waiting[writer]
                 response, keep_alive = _respond(head.decode("latin-1"), self._registry)
                 writer.write(response)
                 # A client that never reads its answers does not hold the connection either.
-                await asyncio.wait_for(writer.drain(), READ_TIMEOUT_S)
+                await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass  # idle too long, closed mid-request, or a head too large: just close
         except ConnectionError:
             pass
         finally:
-            self._writers.discard(writer)
+            self._waiting.pop(writer, None)
+            self._open.discard(writer)
             self._tasks.discard(task)
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
+
+    async def _read_head(self, reader: asyncio.StreamReader) -> bytes:
+        """The next request head: its first byte within the idle timeout, the rest within
+        the head timeout (a client trickling bytes cannot hold the connection either)."""
+        first = await asyncio.wait_for(reader.readexactly(1), self._idle_timeout_s)
+        rest = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self._head_timeout_s)
+        return first + rest
+
+    def _close_longest_idle(self) -> bool:
+        """Close the connection that has waited longest for a request; False if none waits."""
+        oldest = next(iter(self._waiting), None)
+        if oldest is None:
+            return False
+        del self._waiting[oldest]
+        self._open.discard(oldest)  # its handler ends on its own when it sees the close
+        oldest.close()
+        return True
 
 
 def _respond(head: str, registry: CollectorRegistry) -> tuple[bytes, bool]:

@@ -9,9 +9,10 @@ with the HTTP status of the domain error's gRPC code (`rest_http.HTTP_STATUS`).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from moduleserve.registry.errors import InvalidInputError
 from moduleserve.server.dataplane import DataPlane
@@ -40,6 +41,13 @@ from moduleserve.server.frontends.rest_json import (
 from moduleserve.server.security import HTTP_CARRIER, Authorizer, rest_access
 
 BINARY_HEADERS = [(b"content-type", b"application/octet-stream")]
+
+# Measured (bench/rest_json.py): a hop to a worker thread and back costs ~50 µs; msgspec
+# decodes ~5 µs per KiB and encodes ~0.1 µs per value. Below these sizes the work is
+# shorter than a few hops, so it stays on the event loop; above, it runs in a thread, in
+# slices (rest_sliced.py, rest_infer.py) so that the thread holds the GIL briefly at a time.
+INLINE_BODY_BYTES = 64 * 1024
+INLINE_OUTPUT_VALUES = 4096
 
 
 @dataclass
@@ -70,6 +78,7 @@ class _Disconnected(Exception):
 
 
 Handler = Callable[["RestApp", Call], Awaitable[Reply]]
+_T = TypeVar("_T")
 
 
 class RestApp:
@@ -174,7 +183,8 @@ class RestApp:
 
     async def _infer(self, call: Call) -> Reply:
         body = await self._body(call)
-        request = decode_request(body, header(call.scope, b"inference-header-content-length"))
+        length = header(call.scope, b"inference-header-content-length")
+        request = await _off_loop_if(len(body) > INLINE_BODY_BYTES, decode_request, body, length)
         del body  # the inputs view it; nothing else needs the whole body from here on
         result = await self.plane.infer(
             call.model,
@@ -184,23 +194,30 @@ class RestApp:
             deadline=request.deadline,
             priority=request.priority,
         )
-        parts, header_length = encode_response(call.model, request, result)
-        if len(parts) == 1:
+        values = sum(t.numel() for t in result.outputs.values())
+        parts, header_length = await _off_loop_if(
+            values > INLINE_OUTPUT_VALUES, encode_response, call.model, request, result
+        )
+        if header_length == sum(len(part) for part in parts):  # no binary outputs
             return Reply(200, parts)
         headers = [*BINARY_HEADERS, (b"inference-header-content-length", b"%d" % header_length)]
         return Reply(200, parts, headers)
 
     # --- the repository extension ---
 
+    async def _json_body(self, call: Call) -> dict[str, Any]:
+        body = await self._body(call)
+        return await _off_loop_if(len(body) > INLINE_BODY_BYTES, json_object, body)
+
     async def _index(self, call: Call) -> Reply:
-        body = json_object(await self._body(call))
+        body = await self._json_body(call)
         ready = body.get("ready", False)
         if not isinstance(ready, bool):
             raise InvalidInputError("'ready' must be true or false")
         return json_reply(index_json(await self.plane.index(ready_only=ready)))
 
     async def _load(self, call: Call) -> Reply:
-        params = _parameters(json_object(await self._body(call)))
+        params = _parameters(await self._json_body(call))
         version = params.get("version", "")
         if isinstance(version, bool) or not isinstance(version, str | int):
             raise InvalidInputError("parameter 'version' must be a version number or alias")
@@ -208,9 +225,14 @@ class RestApp:
         return Reply(200, [])
 
     async def _unload(self, call: Call) -> Reply:
-        _parameters(json_object(await self._body(call)))  # unload_dependents: nothing depends
+        _parameters(await self._json_body(call))  # unload_dependents: nothing depends
         await self.plane.unload(call.model)
         return Reply(200, [])
+
+
+async def _off_loop_if(condition: bool, fn: Callable[..., _T], *args: Any) -> _T:
+    """fn(*args) in a worker thread when `condition` (large work), else right here."""
+    return await asyncio.to_thread(fn, *args) if condition else fn(*args)
 
 
 def _parameters(body: dict[str, Any]) -> dict[str, Any]:

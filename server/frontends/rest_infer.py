@@ -9,15 +9,18 @@ malformed tensor with the same sentence.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import numpy as np
 import torch
 
 from moduleserve.registry.errors import InvalidInputError
+from moduleserve.registry.numbers import INT64_MAX, UINT64_MAX, is_json_int, json_int, parse_int
 from moduleserve.server.convert import (
     Datatype,
     _check_shape,
@@ -28,11 +31,19 @@ from moduleserve.server.convert import (
 )
 from moduleserve.server.dataplane import InferResult
 from moduleserve.server.errors import InvalidTensorError
-from moduleserve.server.frontends.rest_http import dumps, json_object
+from moduleserve.server.frontends.rest_http import ENCODER
+from moduleserve.server.frontends.rest_sliced import DecodedArray, loads_sliced, yield_gil
 
 # What numpy infers from JSON values, per kind of datatype: ints also fit a float input.
 _KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
 _KIND_WORDS = {"b": "true or false", "iu": "integers", "iuf": "numbers"}
+
+ENCODE_SLICE = 8 * 1024
+"""Values written per JSON encoder call (~1 ms): the GIL is held for one call at a time."""
+
+# Where a JSON output's values go in the encoded header: msgspec writes a NUL inside a
+# string as \u0000, so a raw NUL byte can only be this marker.
+_SPLICE = b"\x00"
 
 
 @dataclass
@@ -52,7 +63,7 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
     """Decode a request body; every malformation is an InvalidInputError sentence."""
     view = memoryview(body)
     split = len(view) if header_length is None else _header_length(header_length, len(view))
-    head = json_object(view[:split])
+    head = loads_sliced(body if split == len(view) else bytes(view[:split]))
     binary = view[split:]
     inputs = _list(head, "inputs", required=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -80,20 +91,17 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
             request.binary_outputs[name] = _bool(params, "binary_data", f"output {name!r}")
     params = _object(head.get("parameters", {}), "the request's 'parameters'")
     request.binary_default = _bool(params, "binary_data_output", "the request")
-    request.priority = _int(params, "priority")
-    timeout_us = _int(params, "timeout")  # the OIP timeout parameter, in microseconds
+    # Both unsigned 64-bit in the Open Inference Protocol; gRPC clients cannot send more.
+    request.priority = _int(params, "priority", high=UINT64_MAX)
+    timeout_us = _int(params, "timeout", high=UINT64_MAX)  # microseconds
     if timeout_us > 0:
         request.deadline = time.monotonic() + timeout_us / 1e6
     return request
 
 
 def _header_length(value: str, body_length: int) -> int:
-    text = value.strip()
-    if not text.isdigit():
-        raise InvalidInputError(
-            f"the Inference-Header-Content-Length header must be a byte count, got {text[:32]!r}"
-        )
-    length = int(text)
+    # Only HTTP's own whitespace around the value: str.strip() would also take '\x85'.
+    length = parse_int(value.strip(" \t"), "the Inference-Header-Content-Length header")
     if length == 0:
         raise InvalidInputError(
             "a raw binary request (Inference-Header-Content-Length: 0) is not supported; "
@@ -118,7 +126,7 @@ def _input(item: Any, binary: memoryview) -> tuple[str, torch.Tensor, int]:
         raise InvalidTensorError(name, "needs a 'datatype' string such as \"FP32\"")
     row, dtype = _row_for_input(name, datatype)
     raw_shape = item.get("shape")
-    if not isinstance(raw_shape, list) or not all(_is_int(d) for d in raw_shape):
+    if not isinstance(raw_shape, list) or not all(is_json_int(d) for d in raw_shape):
         raise InvalidTensorError(name, "needs a 'shape' array of integers")
     shape = tuple(raw_shape)
     _check_shape(name, shape)
@@ -129,8 +137,6 @@ def _input(item: Any, binary: memoryview) -> tuple[str, torch.Tensor, int]:
             raise InvalidTensorError(name, "has no 'data' and no 'binary_data_size' parameter")
         return name, _from_json(name, row, shape, count, item["data"]), 0
     size = _int(params, "binary_data_size", f"input {name!r}")
-    if size < 0:
-        raise InvalidTensorError(name, f"binary_data_size must not be negative, got {size}")
     if "data" in item:
         raise InvalidTensorError(name, "has both 'data' and binary_data_size; send one")
     if size > len(binary):
@@ -151,20 +157,15 @@ def _from_json(
             f"datatype {row.name} cannot be sent as JSON numbers; send it as binary data "
             "(the binary_data_size parameter)",
         )
-    if not isinstance(data, list):
-        raise InvalidTensorError(name, "'data' must be a JSON array")
-    try:
-        values = np.asarray(data)
-    except (ValueError, OverflowError):
-        raise InvalidTensorError(
-            name, "'data' is ragged: nested arrays must each hold the same number of values"
-        ) from None
+    values = _asarray(name, data)
     if values.size != count:
         raise InvalidTensorError(
             name, f"expected {count} {row.name} values for shape {list(shape)}, got {values.size}"
         )
     if count and row.numpy.kind in "iu" and values.dtype.kind in "fO":
-        values = _exact_integers(name, row, data)
+        values = _exact_integers(
+            name, row, data.to_list() if isinstance(data, DecodedArray) else data
+        )
     if count:
         kinds = _KINDS[row.numpy.kind]
         if values.dtype.kind not in kinds:
@@ -176,6 +177,20 @@ def _from_json(
                     name, f"a value is out of range for {row.name} ({info.min} to {info.max})"
                 )
     return torch.from_numpy(values.astype(row.numpy).reshape(shape))
+
+
+def _asarray(name: str, data: Any) -> np.ndarray:
+    """np.asarray(data) of a JSON array, or the array rest_sliced decoded already."""
+    if isinstance(data, DecodedArray):
+        return data.values
+    if not isinstance(data, list):
+        raise InvalidTensorError(name, "'data' must be a JSON array")
+    try:
+        return np.asarray(data)
+    except (ValueError, OverflowError):
+        raise InvalidTensorError(
+            name, "'data' is ragged: nested arrays must each hold the same number of values"
+        ) from None
 
 
 def _exact_integers(name: str, row: Datatype, data: list[Any]) -> np.ndarray:
@@ -195,8 +210,13 @@ def _exact_integers(name: str, row: Datatype, data: list[Any]) -> np.ndarray:
 def encode_response(
     model: str, request: InferRequest, result: InferResult
 ) -> tuple[list[bytes], int]:
-    """The response body parts (JSON header, then binary outputs) and the header's length."""
+    """The response body parts and the length of its JSON header.
+
+    The header comes in pieces with each JSON output's values between them, never copied
+    into one buffer (a copy of a 60 MB array holds the GIL for tens of milliseconds);
+    binary outputs follow it."""
     outputs: list[dict[str, Any]] = []
+    arrays: list[bytes] = []
     binaries: list[bytes] = []
     for name, tensor in result.outputs.items():
         host = tensor.detach().cpu()
@@ -212,14 +232,41 @@ def encode_response(
             entry["parameters"] = {"binary_data_size": len(data)}
             binaries.append(data)
         else:
-            entry["data"] = host.numpy().ravel().tolist()
+            entry["data"] = msgspec.Raw(_SPLICE)
+            arrays.append(_json_array(host.numpy().ravel()))
         outputs.append(entry)
     head: dict[str, Any] = {"model_name": model, "model_version": str(result.version)}
     if request.id is not None:
         head["id"] = request.id
     head["outputs"] = outputs
-    header = dumps(head)
-    return [header, *binaries], len(header)
+    pieces = ENCODER.encode(head).split(_SPLICE)  # not dumps(): the stdlib has no Raw
+    header = [pieces[0]]
+    for array, piece in zip(arrays, pieces[1:], strict=True):
+        header += [array, piece]
+    return [*header, *binaries], sum(len(part) for part in header)
+
+
+def _json_array(flat: np.ndarray) -> bytes:
+    """A JSON array of `flat`'s values, ENCODE_SLICE values per encoder call, joined by
+    one bytes.join (which copies without the GIL).
+
+    NaN and infinities are written as the stdlib always wrote them (NaN, Infinity,
+    -Infinity, which Python's json and tritonclient's rapidjson read), where msgspec
+    would write null: slices holding any go through the stdlib."""
+    parts = [b"["]
+    for start in range(0, flat.size, ENCODE_SLICE):
+        if start:
+            yield_gil()
+            parts.append(b",")
+        piece = flat[start : start + ENCODE_SLICE]
+        values = piece.tolist()
+        if piece.dtype.kind == "f" and not np.isfinite(piece).all():
+            encoded = json.dumps(values, separators=(",", ":")).encode()
+        else:
+            encoded = ENCODER.encode(values)
+        parts.append(encoded[1:-1])  # bytes, not memoryview: join drops the GIL for bytes only
+    parts.append(b"]")
+    return b"".join(parts)
 
 
 def _raw_bytes(host: torch.Tensor) -> bytes:
@@ -250,18 +297,21 @@ def _id(head: dict[str, Any]) -> str | None:
     value = head.get("id")
     if value is not None and not isinstance(value, str):
         raise InvalidInputError("the request's 'id' must be a string")
+    if value is not None and not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:  # a lone surrogate escape: no UTF-8 answer can hold it
+            raise InvalidInputError(
+                "the request's 'id' must be text without lone surrogates"
+            ) from None
     return value
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _int(params: dict[str, Any], key: str, owner: str = "the request") -> int:
-    value = params.get(key, 0)
-    if not _is_int(value):
-        raise InvalidInputError(f"{owner}: parameter {key!r} must be an integer")
-    return int(value)
+def _int(
+    params: dict[str, Any], key: str, owner: str = "the request", high: int = INT64_MAX
+) -> int:
+    """An integer parameter, 0 when absent: a JSON integer from 0 to `high`."""
+    return json_int(params.get(key, 0), f"{owner}: parameter {key!r}", 0, high)
 
 
 def _bool(params: dict[str, Any], key: str, owner: str) -> bool:

@@ -1,19 +1,24 @@
 """Prometheus /metrics of a real server: histograms per version, series that outlive an
-unload or an alias swap, and one INFO line per load and unload with the real byte count."""
+unload or an alias swap, one INFO line per load and unload with the real byte count, and
+a scrape answered whatever idle connections are open."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 import urllib.request
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
 from moduleserve.client.client import ModelClient
 from moduleserve.registry.api import Registry
 from moduleserve.registry.classes import parse_input_spec
+from moduleserve.server.metrics import MAX_CONNECTIONS, MetricsServer
 from tests.helpers import ServerThread, server_settings
 from tests.models import SlowNet
 
@@ -153,3 +158,71 @@ def test_counters_never_go_back_when_a_version_unloads_and_loads_again(
         f"unloaded doubler:1 ({size} bytes): unload request"
     ]
     assert len(lines(caplog, f"loaded doubler:1 on cpu ({size} bytes) in ")) == 2
+
+
+def test_a_scrape_is_answered_whatever_idle_connections_are_open(metered: ServerThread) -> None:
+    with ModelClient(metered.target) as client:
+        client.infer("doubler", np.array([1.0], np.float32))
+    assert MAX_CONNECTIONS < 200
+    idle = [socket.create_connection(("127.0.0.1", metered.metrics_port)) for _ in range(200)]
+    try:
+        family = "moduleserve_requests"
+        assert scrape(metered, family, "doubler", 1)[(f"{family}_total", "success")] == 1
+        with ModelClient(metered.target) as client:  # the server itself never noticed
+            assert client.infer("doubler", np.array([2.0], np.float32)).tolist() == [5.0]
+        assert scrape(metered, family, "doubler", 1)[(f"{family}_total", "success")] == 2
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+async def serve_metrics(**timeouts: float) -> MetricsServer:
+    registry = CollectorRegistry()
+    Counter("scrapes_seen", "a counter to find in the answer", registry=registry).inc()
+    server = MetricsServer(registry, **timeouts)
+    await server.start("127.0.0.1", 0)
+    return server
+
+
+async def get_metrics(port: int) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    return answer
+
+
+async def test_at_the_cap_the_longest_waiting_connection_makes_room() -> None:
+    server = await serve_metrics(idle_timeout_s=60, head_timeout_s=60)
+    try:
+        conns = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(74)]
+        # The ten that waited longest were closed for the ten past the cap; the rest wait.
+        for reader, _ in conns[:10]:
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+        answer = await get_metrics(server.port)  # one more newcomer: conns[10] makes room
+        assert answer.startswith(b"HTTP/1.1 200 OK") and b"scrapes_seen_total 1.0" in answer
+        assert await asyncio.wait_for(conns[10][0].read(), 10) == b""
+        writer = conns[-1][1]  # a connection that kept its place is still served
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(conns[-1][0].readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200 OK") and b"Connection: keep-alive" in head
+        for _, writer in conns:
+            writer.close()
+    finally:
+        await server.close()
+
+
+async def test_idle_and_trickling_connections_are_closed_after_their_timeouts() -> None:
+    server = await serve_metrics(idle_timeout_s=0.2, head_timeout_s=0.5)
+    try:
+        idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", server.port)
+        slow_reader, slow_writer = await asyncio.open_connection("127.0.0.1", server.port)
+        slow_writer.write(b"GET /metr")  # a head that never ends
+        # Generous bounds: closed well within 10 s, though 0.2 s and 0.5 s are asked for.
+        assert await asyncio.wait_for(idle_reader.read(), 10) == b""
+        assert await asyncio.wait_for(slow_reader.read(), 10) == b""
+        for writer in (idle_writer, slow_writer):
+            writer.close()
+        assert (await get_metrics(server.port)).startswith(b"HTTP/1.1 200 OK")
+    finally:
+        await server.close()

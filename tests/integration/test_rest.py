@@ -67,7 +67,8 @@ async def call(
         "type": "http",
         "method": method,
         "path": path,
-        "headers": [(k.lower().encode(), v.encode()) for k, v in headers],
+        # Header values as HTTP carries them (and http.client sends them): latin-1 bytes.
+        "headers": [(k.lower().encode(), v.encode("latin-1")) for k, v in headers],
     }
     await app(scope, receive, send)
     assert sent[0]["type"] == "http.response.start" and not sent[-1]["more_body"]
@@ -257,7 +258,13 @@ BAD = [
     ("wrong method", "GET", "/v2/models/doubler/infer", b"", 405, "GET is not allowed"),
     ("unknown model", "GET", "/v2/models/nope", b"", 404, "'nope'"),
     ("unknown model infer", "POST", "/v2/models/nope/infer", doubler_body(), 404, "'nope'"),
-    ("bad json", "POST", "/v2/models/doubler/infer", b"{not json", 400, "not valid JSON"),
+    ("bad json", "POST", "/v2/models/doubler/infer", b"{not json", 400,
+     "the request body is not valid JSON (Expecting property name enclosed in double quotes "
+     "at line 1 column 2)"),
+    ("deep json", "POST", "/v2/models/doubler/infer", b"[" * 100_000, 400,
+     "the request body nests JSON too deeply"),
+    ("deep big json", "POST", "/v2/models/doubler/infer", b'{"a":' * 100_000, 400,
+     "the request body nests JSON too deeply"),
     ("not utf-8", "POST", "/v2/models/doubler/infer", b"\xff\xfe", 400, "not UTF-8"),
     ("json array", "POST", "/v2/models/doubler/infer", b"[1]", 400, "must be a JSON object"),
     ("no inputs", "POST", "/v2/models/doubler/infer", b"{}", 400, "needs an 'inputs' array"),
@@ -272,7 +279,7 @@ BAD = [
      "FP32 data must be numbers"),
     ("timeout type", "POST", "/v2/models/doubler/infer",
      {**doubler_body(), "parameters": {"timeout": "soon"}}, 400,
-     "parameter 'timeout' must be an integer"),
+     "parameter 'timeout' must be a whole number from 0 to 18446744073709551615, got 'soon'"),
     ("output", "POST", "/v2/models/doubler/infer",
      {**doubler_body(), "outputs": [{"name": "nope"}]}, 400,
      "requested output 'nope' is not an output of model 'doubler'"),
@@ -283,6 +290,14 @@ BAD = [
     ("load params", "POST", "/v2/repository/models/doubler/load", b'{"parameters": 3}', 400,
      "'parameters' must be a JSON object"),
     ("unload unknown", "POST", "/v2/repository/models/nope/unload", b"", 404, "'nope'"),
+    ("lone surrogate id", "POST", "/v2/models/doubler/infer",
+     {**doubler_body(), "id": "\ud800"}, 400,
+     "the request's 'id' must be text without lone surrogates"),
+    ("digits past int()", "POST", "/v2/models/doubler/infer",
+     b'{"inputs": [], "id": ' + b"9" * 5000 + b"}", 400,
+     "the request body holds an integer of more than 4300 digits"),
+    ("unicode digit version", "GET", "/v2/models/doubler/versions/٣", b"", 400,
+     "invalid version"),
 ]  # fmt: skip
 
 
@@ -314,6 +329,16 @@ async def test_oversize_body_is_413_declared_or_streamed(demo_registry: Registry
                 "the request body is larger than the server's limit of 1000 bytes"
             )
         await assert_still_serving(app)
+
+
+@pytest.mark.parametrize("raw", [b"\xb2", b"1\xb9", "٣".encode(), b"1_0", b" 1 2"])
+async def test_a_content_length_that_is_not_ascii_digits_is_400(app: RestApp, raw: bytes) -> None:
+    body = json.dumps(doubler_body()).encode()
+    answer = await call(app, "POST", "/v2/models/doubler/infer", body,
+                        [("content-length", raw.decode("latin-1"))])  # fmt: skip
+    assert answer.status == 400, answer.body
+    assert answer.json()["error"].startswith("the Content-Length header must be a whole number")
+    await assert_still_serving(app)
 
 
 async def test_compressed_body_is_415(app: RestApp) -> None:

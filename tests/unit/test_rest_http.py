@@ -6,7 +6,7 @@ import grpc
 
 from moduleserve.client.pb import oip_v2_pb2 as pb
 from moduleserve.registry.errors import InvalidInputError
-from moduleserve.server.frontends.rest_http import HTTP_STATUS, HttpError, error_response
+from moduleserve.server.frontends.rest_http import HTTP_STATUS, HttpError, dumps, error_response
 from moduleserve.server.frontends.rest_json import message_to_json
 from moduleserve.server.status import STATUS_FOR
 
@@ -47,3 +47,10 @@ def test_message_to_json_writes_numbers_defaults_and_enum_names() -> None:
     assert found["input"][0]["data_type"] == "TYPE_FP32" and found["input"][0]["dims"] == [3]
     assert found["parameters"] == {"k": {"string_value": "v"}}
     assert "dynamic_batching" not in found  # an unset oneof member stays absent
+
+
+def test_dumps_writes_what_msgspec_cannot_as_the_stdlib_did() -> None:
+    # A path an ASGI server decoded with surrogateescape ends up in "no such endpoint: …".
+    sentence = {"error": "no such endpoint: /v2/\udcff"}
+    assert dumps(sentence) == b'{"error":"no such endpoint: /v2/\\udcff"}'
+    assert dumps({"n": 2**70, "s": "é"}) == '{"n":1180591620717411303424,"s":"é"}'.encode()

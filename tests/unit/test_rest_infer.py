@@ -11,7 +11,12 @@ import torch
 
 from moduleserve.registry.errors import InvalidInputError
 from moduleserve.server.dataplane import InferResult
-from moduleserve.server.frontends.rest_infer import InferRequest, decode_request, encode_response
+from moduleserve.server.frontends.rest_infer import (
+    ENCODE_SLICE,
+    InferRequest,
+    decode_request,
+    encode_response,
+)
 
 
 def body(*inputs: dict[str, Any], **extra: Any) -> bytes:
@@ -118,14 +123,26 @@ def test_fp16_and_bf16_come_binary() -> None:
 @pytest.mark.parametrize(
     ("size", "extra", "length", "sentence"),
     [
-        (16, b"", "x", "Inference-Header-Content-Length header must be a byte count"),
+        (16, b"", "x", "the Inference-Header-Content-Length header must be a whole number from 0"),
         (16, b"", "0", "raw binary request (Inference-Header-Content-Length: 0) is not supported"),
         (16, b"", "99999", "says 99999 bytes, but the body has only"),
         (12, b"", None, "expected 16 bytes of FP32 data for shape [2, 2], got 12"),
         (32, b"", None, "binary_data_size is 32, but only 16 bytes of binary data are left"),
         (16, b"more", None, "holds 20 bytes of binary data after its JSON header"),
-        (-1, b"", None, "binary_data_size must not be negative"),
-        ("16", b"", None, "parameter 'binary_data_size' must be an integer"),
+        (
+            -1,
+            b"",
+            None,
+            "input 'x': parameter 'binary_data_size' must be a whole number from 0 "
+            "to 9223372036854775807, got -1",
+        ),
+        (
+            "16",
+            b"",
+            None,
+            "parameter 'binary_data_size' must be a whole number from 0 to "
+            "9223372036854775807, got '16'",
+        ),
     ],
 )
 def test_binary_inputs_refused_with_a_sentence(
@@ -162,7 +179,11 @@ def test_request_parameters_and_outputs() -> None:
     ("extra", "sentence"),
     [
         ({"id": 3}, "the request's 'id' must be a string"),
-        ({"parameters": {"priority": 1.5}}, "parameter 'priority' must be an integer"),
+        (
+            {"parameters": {"priority": 1.5}},
+            "the request: parameter 'priority' must be a whole "
+            "number from 0 to 18446744073709551615, got 1.5",
+        ),
         ({"parameters": {"binary_data_output": 1}}, "'binary_data_output' must be true or false"),
         ({"parameters": []}, "the request's 'parameters' must be a JSON object"),
         ({"outputs": {}}, "the request's 'outputs' must be a JSON array"),
@@ -186,14 +207,30 @@ def test_encode_json_binary_and_forced_binary_outputs() -> None:
     }
     request = InferRequest({}, id="r", binary_outputs={"i": True})
     parts, length = encode_response("m", request, InferResult("m", 4, outputs))
-    head = json.loads(parts[0])
-    assert len(parts[0]) == length
+    header = b"".join(parts[:-3])  # the JSON header, in pieces; then three binary outputs
+    head = json.loads(header)
+    assert len(header) == length
     assert head["model_name"] == "m" and head["model_version"] == "4" and head["id"] == "r"
     by_name = {o["name"]: o for o in head["outputs"]}
     assert by_name["f"] == {"name": "f", "datatype": "FP32", "shape": [1, 2], "data": [1.0, 2.0]}
     assert by_name["m"]["data"] == [True, False] and by_name["m"]["datatype"] == "BOOL"
     sizes = [o["parameters"]["binary_data_size"] for o in head["outputs"] if "parameters" in o]
     assert sizes == [2, 2, 8] and [o["name"] for o in head["outputs"]] == list(outputs)
-    assert parts[1] == outputs["h"].numpy().tobytes()
-    assert parts[2] == outputs["bf"].view(torch.int16).numpy().tobytes()
-    assert parts[3] == np.int64(3).tobytes()
+    assert parts[-3] == outputs["h"].numpy().tobytes()
+    assert parts[-2] == outputs["bf"].view(torch.int16).numpy().tobytes()
+    assert parts[-1] == np.int64(3).tobytes()
+
+
+def test_large_outputs_are_written_in_slices_with_nan_and_infinities_kept() -> None:
+    values = torch.arange(3 * ENCODE_SLICE + 5, dtype=torch.float32) / 7
+    values[ENCODE_SLICE + 1] = float("nan")
+    values[-1], values[-2] = float("inf"), float("-inf")
+    integers = torch.arange(ENCODE_SLICE + 3, dtype=torch.int64) - 10
+    outputs = {"f": values, "i": integers, "empty": torch.zeros(0)}
+    parts, length = encode_response("m", InferRequest({}), InferResult("m", 1, outputs))
+    header = b"".join(parts)
+    assert len(header) == length
+    by_name = {o["name"]: o for o in json.loads(header)["outputs"]}
+    assert by_name["i"]["data"] == integers.tolist() and by_name["empty"]["data"] == []
+    np.testing.assert_array_equal(np.array(by_name["f"]["data"], np.float32), values.numpy())
+    assert b"NaN" in header and b"-Infinity" in header  # as the stdlib writes them, not null
