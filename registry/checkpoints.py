@@ -160,6 +160,8 @@ class Checkpoints:
             row = ModelRow(name=model, class_id=class_row.id, last_version=0, created_at=utcnow())
             session.add(row)
             session.flush()
+        elif row.class_id is None:
+            row.class_id = class_row.id  # its class was deleted with its last version
         elif row.class_id != class_row.id:
             existing = session.get_one(ModuleClassRow, row.class_id)
             raise ClassMismatchError(model, existing.name, class_name)

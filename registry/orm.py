@@ -72,7 +72,9 @@ class ModelRow(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(sa.String(128), unique=True)
-    class_id: Mapped[int] = mapped_column(sa.ForeignKey("module_classes.id"))
+    class_id: Mapped[int | None] = mapped_column(sa.ForeignKey("module_classes.id"))
+    """None once its class was deleted (only a model with no versions left allows that);
+    its next push names a class. The row stays so that version numbers are never reused."""
     last_version: Mapped[int] = mapped_column(default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
