@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from moduleserve.registry.db import Database
-from moduleserve.registry.entities import AliasEvent, Model, Version
+from moduleserve.registry.entities import AliasEvent, Model, ModuleClass, Version
 from moduleserve.registry.errors import (
     AliasConflictError,
     ClassMismatchError,
@@ -51,6 +51,7 @@ class _VersionFields(TypedDict):
     metrics: dict[str, Any]
     alias: str | None
     actor: str
+    checked: ModuleClass | None
 
 
 class Checkpoints:
@@ -76,8 +77,12 @@ class Checkpoints:
         metrics: Mapping[str, Any] | None = None,
         alias: str | None = None,
         actor: str = "api",
+        checked: ModuleClass | None = None,
     ) -> Version:
-        """Record a new version (its blob already stored); numbers are 1, 2, 3… per model."""
+        """Record a new version (its blob already stored); numbers are 1, 2, 3… per model.
+
+        `checked` is the class as the weights were checked against it: the version is
+        refused (WriteConflictError) if its spec has changed since."""
         check_name("model", model)
         if alias is not None:
             check_alias(alias)
@@ -91,6 +96,7 @@ class Checkpoints:
             metrics=dict(metrics or {}),
             alias=alias,
             actor=actor,
+            checked=checked,
         )
         # Two first pushes of a new model race to create it on PostgreSQL; the loser
         # retries and finds the winner's row.
@@ -118,10 +124,11 @@ class Checkpoints:
         metrics: dict[str, Any],
         alias: str | None,
         actor: str,
+        checked: ModuleClass | None = None,
     ) -> Version:
         """`add_version` inside the caller's write transaction (a job's result and its state
         change commit together)."""
-        model_row = self._model_for_push(session, model, class_name)
+        model_row = self._model_for_push(session, model, class_name, checked)
         if parent is not None:
             _version_row(session, model_row, model, parent)
         # One atomic statement: concurrent writers each get the next number.
@@ -149,12 +156,26 @@ class Checkpoints:
             self._move_alias(session, model_row, alias, row, UNSET, actor)
         return _version(session, model_row, row)
 
-    def _model_for_push(self, session: Session, model: str, class_name: str) -> ModelRow:
+    def _model_for_push(
+        self, session: Session, model: str, class_name: str, checked: ModuleClass | None
+    ) -> ModelRow:
+        # A share lock: `classes update` (which locks the row to write it) waits for this
+        # push, then finds its version among the ones it must check.
         class_row = session.scalar(
-            sa.select(ModuleClassRow).where(ModuleClassRow.name == class_name)
+            sa.select(ModuleClassRow)
+            .where(ModuleClassRow.name == class_name)
+            .with_for_update(read=True)
         )
         if class_row is None:
             raise ClassNotFoundError(class_name)
+        if checked is not None and (
+            class_row.inputs != [s.to_dict() for s in checked.inputs]
+            or class_row.outputs != [s.to_dict() for s in checked.outputs]
+        ):
+            raise WriteConflictError(
+                f"class {class_name!r} was updated while this push was checked against it; "
+                "nothing was stored, push again"
+            )
         row = session.scalar(sa.select(ModelRow).where(ModelRow.name == model))
         if row is None:
             row = ModelRow(name=model, class_id=class_row.id, last_version=0, created_at=utcnow())
