@@ -76,9 +76,11 @@ class Jobs:
         *,
         alias: str | None,
         created_by: str,
+        notes: Sequence[str] = (),
     ) -> Job:
         """Queue a job (its inputs already validated); the alias's current version is kept as
-        the compare-and-set value for moving it on success."""
+        the compare-and-set value for moving it on success. Each of `notes` (what validation
+        adjusted) becomes a log event after the queued one."""
         expect = self._checkpoints.alias_version(base.model, alias) if alias else None
         with self._db.write() as session:
             model_row = _model_row(session, base.model)
@@ -107,6 +109,8 @@ class Jobs:
             session.add(row)
             session.flush()
             _add_event(session, row, "state", {"state": "queued", "message": f"by {created_by}"})
+            for note in notes:
+                _add_event(session, row, "log", {"message": note})
             return _job(session, row)
 
     def get(self, job_id: str) -> Job:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 
 from moduleserve.registry.api import Registry
@@ -11,7 +12,7 @@ from moduleserve.registry.entities import Job, JobEvent
 from moduleserve.registry.errors import InvalidInputError
 from moduleserve.registry.jobspec import JobSpec
 from moduleserve.registry.names import check_alias
-from moduleserve.server.jobs.data import train_data_from
+from moduleserve.server.jobs.data import train_data_from, validation_size
 
 WATCH_POLL_S = 0.25
 
@@ -28,7 +29,9 @@ def create_job(
     """Validate the hyperparameters against the class and the data, then queue the job.
 
     Everything that can be known before training is checked here, so that a job with a
-    typo fails in the caller's terminal, not minutes later in a worker.
+    typo fails in the caller's terminal, not minutes later in a worker. A batch_size larger
+    than the training examples is lowered to their number (what one batch can hold), and
+    a log event on the job says so.
     """
     spec.check()
     if alias:
@@ -45,9 +48,23 @@ def create_job(
     stored = registry.datasets.get(dataset)
     # Shapes and target ranges only: the worker verifies the blob's digest before training,
     # so the serving process does not hash a dataset of gigabytes here.
-    train_data_from(registry.load_tensors(stored.digest, verify=False), module_class, spec)
+    data = train_data_from(registry.load_tensors(stored.digest, verify=False), module_class, spec)
+    notes = []
+    training = len(data) - validation_size(len(data), spec.val_split)
+    if spec.batch_size > training:
+        notes.append(
+            f"batch_size {spec.batch_size} is more than the {training} training examples of "
+            f"dataset {dataset}: lowered to {training}, one batch of all of them per epoch"
+        )
+        spec = dataclasses.replace(spec, batch_size=training)
     return registry.jobs.create(
-        base, dataset, stored.digest, spec.to_dict(), alias=alias or None, created_by=actor
+        base,
+        dataset,
+        stored.digest,
+        spec.to_dict(),
+        alias=alias or None,
+        created_by=actor,
+        notes=notes,
     )
 
 
