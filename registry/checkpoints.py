@@ -226,16 +226,11 @@ class Checkpoints:
         """Compare-and-set inside the caller's write transaction: move `alias` to `version`
         only if it still points at `expect`; False, with nothing changed, otherwise."""
         model_row = _model_row(session, model)
-        row = session.scalar(
-            sa.select(AliasRow)
-            .where(AliasRow.model_id == model_row.id, AliasRow.name == alias)
-            .with_for_update()
-        )
-        current = session.get_one(VersionRow, row.version_id).version if row else None
-        if current != expect:
-            return False
         target = _version_row(session, model_row, model, version)
-        self._move_alias(session, model_row, alias, target, expect, actor)
+        try:
+            self._move_alias(session, model_row, alias, target, expect, actor)
+        except AliasConflictError:
+            return False
         return True
 
     def alias_version(self, model: str, alias: str) -> int | None:
