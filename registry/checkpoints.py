@@ -394,7 +394,7 @@ class Checkpoints:
                 .where(VersionRow.model_id == model_row.id)
                 .order_by(VersionRow.version)
             )
-            return [_version(session, model_row, row) for row in rows]
+            return _versions(session, model_row, list(rows))
 
     def alias_history(self, model: str, alias: str | None = None) -> list[AliasEvent]:
         """Alias moves of a model, oldest first (optionally of one alias)."""
@@ -449,26 +449,38 @@ def _alias_target(session: Session, model_row: ModelRow, alias: str) -> VersionR
 
 
 def _version(session: Session, model_row: ModelRow, row: VersionRow) -> Version:
+    return _versions(session, model_row, [row])[0]
+
+
+def _versions(session: Session, model_row: ModelRow, rows: Sequence[VersionRow]) -> list[Version]:
+    """Rows → entities in two queries however many versions there are."""
     class_name = session.scalar(
         sa.select(ModuleClassRow.name).where(ModuleClassRow.id == model_row.class_id)
     )
-    aliases = session.scalars(
-        sa.select(AliasRow.name).where(AliasRow.version_id == row.id).order_by(AliasRow.name)
-    )
-    return Version(
-        model=model_row.name,
-        version=row.version,
-        class_name=class_name or "",
-        digest=row.digest,
-        size=row.size,
-        parent_version=row.parent_version,
-        source=row.source,
-        description=row.description,
-        tags=dict(row.tags),
-        metrics=dict(row.metrics),
-        created_at=row.created_at,
-        aliases=tuple(aliases),
-    )
+    aliases: dict[int, list[str]] = {}
+    for version_id, alias in session.execute(
+        sa.select(AliasRow.version_id, AliasRow.name)
+        .where(AliasRow.version_id.in_([row.id for row in rows]))
+        .order_by(AliasRow.name)
+    ):
+        aliases.setdefault(version_id, []).append(alias)
+    return [
+        Version(
+            model=model_row.name,
+            version=row.version,
+            class_name=class_name or "",
+            digest=row.digest,
+            size=row.size,
+            parent_version=row.parent_version,
+            source=row.source,
+            description=row.description,
+            tags=dict(row.tags),
+            metrics=dict(row.metrics),
+            created_at=row.created_at,
+            aliases=tuple(aliases.get(row.id, ())),
+        )
+        for row in rows
+    ]
 
 
 def _model(session: Session, row: ModelRow) -> Model:

@@ -132,7 +132,7 @@ class Jobs:
                 )
             if states:
                 query = query.where(JobRow.state.in_(list(states)))
-            return [_job(session, row) for row in session.scalars(query)]
+            return _jobs(session, list(session.scalars(query)))
 
     def events(self, job_id: str, after_seq: int = 0, limit: int = 0) -> builtins.list[JobEvent]:
         """The job's events with seq > after_seq, oldest first (all when limit is 0)."""
@@ -146,6 +146,20 @@ class Jobs:
             if limit > 0:
                 query = query.limit(limit)
             return [_event(row) for row in session.scalars(query)]
+
+    def poll(self, job_id: str, after_seq: int) -> tuple[builtins.list[JobEvent], bool]:
+        """The events after `after_seq` and whether the job has finished, in one read: when
+        it says finished, the events include the last one (the state is read first)."""
+        with self._db.read() as session:
+            state = session.scalar(sa.select(JobRow.state).where(JobRow.id == job_id))
+            if state is None:
+                raise JobNotFoundError(job_id)
+            rows = session.scalars(
+                sa.select(JobEventRow)
+                .where(JobEventRow.job_id == job_id, JobEventRow.seq > after_seq)
+                .order_by(JobEventRow.seq)
+            )
+            return [_event(row) for row in rows], state in FINISHED_JOB_STATES
 
     def epoch(self, job_id: str, epoch: int) -> JobEpoch:
         """One kept epoch of a job."""
@@ -429,18 +443,53 @@ def _check_state(state: str) -> None:
 
 
 def _job(session: Session, row: JobRow) -> Job:
-    epochs = session.scalars(
-        sa.select(JobEpochRow).where(JobEpochRow.job_id == row.id).order_by(JobEpochRow.epoch)
+    return _jobs(session, [row])[0]
+
+
+def _jobs(session: Session, rows: Sequence[JobRow]) -> builtins.list[Job]:
+    """Rows → entities with their models, epochs and latest progress, in three queries
+    however many jobs there are."""
+    ids = [row.id for row in rows]
+    models: dict[int, str] = {
+        model_id: name
+        for model_id, name in session.execute(
+            sa.select(ModelRow.id, ModelRow.name).where(
+                ModelRow.id.in_({row.model_id for row in rows})
+            )
+        )
+    }
+    epochs: dict[str, list[JobEpoch]] = {}
+    for epoch_row in session.scalars(
+        sa.select(JobEpochRow).where(JobEpochRow.job_id.in_(ids)).order_by(JobEpochRow.epoch)
+    ):
+        epochs.setdefault(epoch_row.job_id, []).append(_epoch(epoch_row))
+    latest = (
+        sa.select(JobEventRow.job_id, sa.func.max(JobEventRow.seq).label("seq"))
+        .where(JobEventRow.job_id.in_(ids), JobEventRow.kind == "progress")
+        .group_by(JobEventRow.job_id)
+        .subquery()
     )
-    progress = session.scalar(
-        sa.select(JobEventRow)
-        .where(JobEventRow.job_id == row.id, JobEventRow.kind == "progress")
-        .order_by(JobEventRow.seq.desc())
-        .limit(1)
-    )
+    progress = {
+        event.job_id: _event(event)
+        for event in session.scalars(
+            sa.select(JobEventRow).join(
+                latest,
+                (JobEventRow.job_id == latest.c.job_id) & (JobEventRow.seq == latest.c.seq),
+            )
+        )
+    }
+    return [
+        _job_entity(row, models[row.model_id], epochs.get(row.id, []), progress.get(row.id))
+        for row in rows
+    ]
+
+
+def _job_entity(
+    row: JobRow, model: str, epochs: Sequence[JobEpoch], progress: JobEvent | None
+) -> Job:
     return Job(
         id=row.id,
-        model=session.get_one(ModelRow, row.model_id).name,
+        model=model,
         base_version=row.base_version,
         dataset=row.dataset,
         dataset_digest=row.dataset_digest,
@@ -461,8 +510,8 @@ def _job(session: Session, row: JobRow) -> Job:
         created_at=row.created_at,
         started_at=row.started_at,
         finished_at=row.finished_at,
-        epochs=tuple(_epoch(e) for e in epochs),
-        progress=_event(progress) if progress is not None else None,
+        epochs=tuple(epochs),
+        progress=progress,
     )
 
 

@@ -1,8 +1,10 @@
 """Hyperparameters out of their bounds are refused naming the field, through the Python API
-and the gRPC CreateJob; a batch larger than the training data is lowered, with a sentence."""
+and the gRPC CreateJob; a batch larger than the training data is lowered, with a sentence.
+Also: several WatchJob streams of one job over gRPC end together when it is cancelled."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -97,3 +99,28 @@ def test_a_batch_larger_than_the_training_data_is_lowered_with_a_sentence(
     )
     assert fits.spec["batch_size"] == 30
     assert [e.kind for e in demo_registry.jobs.events(fits.id)] == ["state"]  # nothing lowered
+
+
+def test_watchers_of_one_job_all_see_it_end(client: ModelClient) -> None:
+    client.upload_dataset("digits", digits(32))
+    job = client.jobs.create("mlp", dataset="digits")
+    seen: list[list[str]] = [[] for _ in range(5)]
+    first_events = threading.Barrier(len(seen) + 1)
+
+    def watch(into: list[str]) -> None:
+        for event in client.jobs.watch(job.id):
+            into.append(event.state)
+            if len(into) == 1:
+                first_events.wait(30)
+
+    threads = [threading.Thread(target=watch, args=(into,)) for into in seen]
+    for thread in threads:
+        thread.start()
+    first_events.wait(30)  # every stream is open and has the queued event
+
+    assert client.jobs.cancel(job.id).state == "cancelled"
+
+    for thread in threads:
+        thread.join(30)
+    assert seen == [["queued", "cancelled"]] * 5
+    assert client.health() == "SERVING"
