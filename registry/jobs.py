@@ -6,6 +6,9 @@ each take a different job; SQLite's `BEGIN IMMEDIATE` serialises claimers instea
 worker renews its lease while it trains; a job whose worker died is claimed again once
 the lease has expired, and resumes from its last epoch. Every write by a worker checks
 that the worker still holds the job, so a worker that lost its lease changes nothing.
+
+Leases are set, renewed and expired on the database's clock (`db_now`), never on a
+worker's: workers on machines whose clocks disagree still agree on when a lease ends.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from moduleserve.registry.entities import (
     Version,
 )
 from moduleserve.registry.errors import InvalidInputError, JobNotFoundError, JobStateError
-from moduleserve.registry.orm import JobEpochRow, JobEventRow, JobRow, ModelRow, utcnow
+from moduleserve.registry.orm import JobEpochRow, JobEventRow, JobRow, ModelRow, db_now, utcnow
 
 MAX_JOB_ID_LENGTH = 32
 MAX_REASON_LENGTH = 2000
@@ -196,7 +199,7 @@ class Jobs:
                 raise JobStateError(f"job {job_id} already {row.state}; there is nothing to cancel")
             if row.state == "queued":
                 _set_state(session, row, "cancelled", f"cancelled by {actor} before it started")
-            elif _lease_expired(row):
+            elif _lease_expired(row, _db_time(session)):
                 _set_state(session, row, "cancelled", f"cancelled by {actor} (no live worker)")
             elif not row.cancel_requested:
                 row.cancel_requested = True
@@ -211,8 +214,8 @@ class Jobs:
         A job whose workers died `max_attempts` times is failed instead of run once more,
         and one whose cancel was asked is cancelled instead of run.
         """
-        now = utcnow()
         with self._db.write() as session:
+            now = _db_time(session)
             while True:
                 row = session.scalar(
                     sa.select(JobRow)
@@ -247,7 +250,7 @@ class Jobs:
             held = session.execute(
                 sa.update(JobRow)
                 .where(JobRow.id == job_id, JobRow.worker == worker, JobRow.state == "running")
-                .values(lease_until=utcnow() + timedelta(seconds=lease_s))
+                .values(lease_until=db_now(lease_s))
                 .returning(JobRow.cancel_requested)
             ).scalar_one_or_none()
         return Lease(held=held is not None, cancel_requested=bool(held))
@@ -396,8 +399,13 @@ def _held_row(session: Session, job_id: str, worker: str) -> JobRow | None:
     return row
 
 
-def _lease_expired(row: JobRow) -> bool:
-    return row.state == "running" and row.lease_until is not None and row.lease_until < utcnow()
+def _lease_expired(row: JobRow, now: datetime) -> bool:
+    return row.state == "running" and row.lease_until is not None and row.lease_until < now
+
+
+def _db_time(session: Session) -> datetime:
+    """The database's clock now: what leases are compared with (see `db_now`)."""
+    return session.execute(sa.select(db_now())).scalar_one()
 
 
 def _drop_resume_states(session: Session, job_id: str) -> None:

@@ -1,6 +1,6 @@
 """The job queue's and the aliases' concurrency guarantees, with the interleavings forced
 (a transaction held open at its commit, the other one's lock wait observed) rather than
-hoped for. SQLite and PostgreSQL."""
+hoped for; and leases on the database's clock. SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -8,18 +8,19 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 import torch
 
+from moduleserve.registry import jobs as jobs_module
 from moduleserve.registry.api import Registry
 from moduleserve.registry.classes import parse_input_spec
 from moduleserve.registry.errors import AliasConflictError
 from moduleserve.registry.jobspec import JobSpec
-from moduleserve.registry.orm import JobRow
+from moduleserve.registry.orm import JobRow, utcnow
 
 KWARGS = {"in_features": 4, "hidden": [8], "out_features": 3, "dropout": 0.0}
 WAIT_S = 60  # how long a step may take before the test calls it stuck
@@ -198,3 +199,36 @@ def test_a_cancel_asked_before_the_lease_expired_is_honoured_by_the_next_claim(
     job = seeded.jobs.get(job_id)
     assert (job.state, job.reason, job.attempts) == ("cancelled", "cancelled on request", 1)
     assert seeded.jobs.events(job_id)[-1].data["state"] == "cancelled"
+
+
+def skew(monkeypatch: pytest.MonkeyPatch, offset: timedelta) -> None:
+    """This process's idea of now (the clock the registry's Python code reads) runs
+    `offset` off the database's: a worker on a machine whose clock is wrong."""
+    monkeypatch.setattr(jobs_module, "utcnow", lambda: utcnow() + offset)
+
+
+def test_leases_are_set_renewed_and_expired_on_the_database_clock(
+    seeded: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Computed from the worker's clock, a fast clock steals a live job and cancels it as
+    dead, and a slow clock's fresh lease is already over for everyone else."""
+    honest = queue(seeded)
+    assert seeded.jobs.claim("honest", 60, 3) is not None
+
+    skew(monkeypatch, timedelta(hours=1))
+    assert seeded.jobs.claim("fast", 60, 3) is None
+    assert seeded.jobs.request_cancel(honest, "fast admin").state == "running"
+
+    slow_job = queue(seeded)
+    skew(monkeypatch, timedelta(hours=-1))
+    taken = seeded.jobs.claim("slow", 60, 3)
+    assert taken is not None and taken.id == slow_job
+    assert seeded.jobs.renew(slow_job, "slow", 60).held
+    monkeypatch.undo()
+    assert seeded.jobs.claim("another", 60, 3) is None
+    assert seeded.jobs.get(slow_job).worker == "slow"
+
+    expire_lease(seeded, slow_job)  # and a lease that did end is over for every clock
+    skew(monkeypatch, timedelta(hours=-1))
+    again = seeded.jobs.claim("slow2", 60, 3)
+    assert again is not None and (again.id, again.attempts) == (slow_job, 2)
