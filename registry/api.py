@@ -14,7 +14,7 @@ from moduleserve.registry.classes import ClassCatalog
 from moduleserve.registry.config import RegistrySettings
 from moduleserve.registry.datasets import Datasets
 from moduleserve.registry.db import Database, check_schema, migrate
-from moduleserve.registry.entities import BlobProblem, Dataset, ModuleClass, Version
+from moduleserve.registry.entities import BlobProblem, Dataset, ModuleClass, TensorSpec, Version
 from moduleserve.registry.errors import (
     InvalidInputError,
     JobStateError,
@@ -97,19 +97,49 @@ class Registry:
         alias: str | None = None,
         actor: str | None = None,
     ) -> Version:
-        """Check a state_dict loads strictly into its class, store it, record a new version.
+        """Check a state_dict loads strictly into its class and serves its spec, store it,
+        record a new version.
 
-        The blob is durable on disk before the version row is committed, so a crash
-        in between leaves at most an unreferenced blob (removed by `gc`), never a row
-        pointing at a missing or partial file.
+        Serving is checked as the server will serve it: the class is built with these
+        weights and runs two rows of zeros per its input spec; every output must match the
+        output spec with one row per input row (ForwardCheckError otherwise). The blob is
+        durable on disk before the version row is committed, so a crash in between leaves
+        at most an unreferenced blob (removed by `gc`), never a row pointing at a missing
+        or partial file.
         """
+        return self._push(
+            model,
+            tensors,
+            "state_dict",
+            class_name=class_name,
+            parent=parent,
+            source=source,
+            description=description,
+            tags=tags,
+            metrics=metrics,
+            alias=alias,
+            actor=actor,
+        )
+
+    def _push(
+        self,
+        model: str,
+        tensors: Mapping[str, torch.Tensor],
+        label: str,
+        *,
+        class_name: str | None = None,
+        actor: str | None = None,
+        **options: Any,
+    ) -> Version:
+        from moduleserve.registry.classes import check_forward
         from moduleserve.registry.formats import check_tensors, encode_tensors
         from moduleserve.registry.loading import check_fits
 
         module_class = self.classes.get(class_name or self._class_of(model))
         skeleton = self.classes.build(module_class, device="meta")
-        check_fits(module_class.name, skeleton.state_dict(), tensors)
-        check_tensors(tensors, "state_dict")
+        check_fits(module_class.name, skeleton.state_dict(), tensors, source=label)
+        check_tensors(tensors, label)
+        check_forward(module_class, self.build_with(module_class, tensors), label)
         data = encode_tensors(tensors)
         digest = self.blobs.put(data)
         return self.checkpoints.add_version(
@@ -117,13 +147,9 @@ class Registry:
             digest,
             len(data),
             module_class.name,
-            parent=parent,
-            source=source,
-            description=description,
-            tags=tags,
-            metrics=metrics,
-            alias=alias,
             actor=actor or default_actor(),
+            checked=module_class,
+            **options,
         )
 
     def push_file(
@@ -137,7 +163,7 @@ class Registry:
         `INFLATE_FACTOR` times what the class holds, and every key, shape and dtype must fit.
         """
         from moduleserve.registry.formats import read_tensor_file
-        from moduleserve.registry.loading import check_fits, state_nbytes
+        from moduleserve.registry.loading import state_nbytes
         from moduleserve.registry.torchfiles import SizeLimit
 
         check_name("model", model)
@@ -149,17 +175,47 @@ class Registry:
             f"that class {module_class.name!r} could use",
         )
         tensors = read_tensor_file(path, limit=limit, key=key)
-        # Checked here too so that the refusal names the file (push checks it again, cheaply).
-        check_fits(module_class.name, expected, tensors, source=shorten(path.name))
-        return self.push(model, tensors, **options)
+        return self._push(model, tensors, shorten(path.name), **options)
 
     def _class_of(self, model: str) -> str:
         try:
-            return self.checkpoints.get_model(model).class_name
+            class_name = self.checkpoints.get_model(model).class_name
         except ModelNotFoundError:
             raise InvalidInputError(
                 f"model {model!r} does not exist yet: its first push must name a --class"
             ) from None
+        if not class_name:
+            raise InvalidInputError(
+                f"model {model!r} has no class (its class was deleted): its next push must "
+                "name a --class"
+            )
+        return class_name
+
+    def update_class(
+        self,
+        name: str,
+        *,
+        inputs: Sequence[TensorSpec] = (),
+        outputs: Sequence[TensorSpec] = (),
+        description: str | None = None,
+    ) -> ModuleClass:
+        """Change a class's input spec, output spec or description.
+
+        A new spec is checked as at registration, then against every stored version of the
+        class's models: each is built with its weights and must serve the new spec
+        (ForwardCheckError naming the first that does not; nothing is changed then). A
+        model the server has loaded keeps the spec it loaded with until it is loaded again.
+        """
+        from moduleserve.registry.classes import check_forward
+
+        current = self.classes.get(name)
+        revised = self.classes.revise(name, inputs=inputs, outputs=outputs, description=description)
+        stored = self.classes.versions_of(name)
+        if (revised.inputs, revised.outputs) != (current.inputs, current.outputs):
+            for digest, users in stored.items():
+                module = self.build_with(revised, self.load_tensors(digest))
+                check_forward(revised, module, f"version {users[0]}")
+        return self.classes.save(revised, stored)
 
     def state_dict(self, version: Version) -> dict[str, torch.Tensor]:
         """The version's tensors, after checking the blob against its digest."""

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from moduleserve.registry.db import Database
-from moduleserve.registry.entities import AliasEvent, Model, Version
+from moduleserve.registry.entities import AliasEvent, Model, ModuleClass, Version
 from moduleserve.registry.errors import (
     AliasConflictError,
     ClassMismatchError,
@@ -51,6 +51,7 @@ class _VersionFields(TypedDict):
     metrics: dict[str, Any]
     alias: str | None
     actor: str
+    checked: ModuleClass | None
 
 
 class Checkpoints:
@@ -76,8 +77,12 @@ class Checkpoints:
         metrics: Mapping[str, Any] | None = None,
         alias: str | None = None,
         actor: str = "api",
+        checked: ModuleClass | None = None,
     ) -> Version:
-        """Record a new version (its blob already stored); numbers are 1, 2, 3… per model."""
+        """Record a new version (its blob already stored); numbers are 1, 2, 3… per model.
+
+        `checked` is the class as the weights were checked against it: the version is
+        refused (WriteConflictError) if its spec has changed since."""
         check_name("model", model)
         if alias is not None:
             check_alias(alias)
@@ -91,6 +96,7 @@ class Checkpoints:
             metrics=dict(metrics or {}),
             alias=alias,
             actor=actor,
+            checked=checked,
         )
         # Two first pushes of a new model race to create it on PostgreSQL; the loser
         # retries and finds the winner's row.
@@ -118,10 +124,11 @@ class Checkpoints:
         metrics: dict[str, Any],
         alias: str | None,
         actor: str,
+        checked: ModuleClass | None = None,
     ) -> Version:
         """`add_version` inside the caller's write transaction (a job's result and its state
         change commit together)."""
-        model_row = self._model_for_push(session, model, class_name)
+        model_row = self._model_for_push(session, model, class_name, checked)
         if parent is not None:
             _version_row(session, model_row, model, parent)
         # One atomic statement: concurrent writers each get the next number.
@@ -149,17 +156,33 @@ class Checkpoints:
             self._move_alias(session, model_row, alias, row, UNSET, actor)
         return _version(session, model_row, row)
 
-    def _model_for_push(self, session: Session, model: str, class_name: str) -> ModelRow:
+    def _model_for_push(
+        self, session: Session, model: str, class_name: str, checked: ModuleClass | None
+    ) -> ModelRow:
+        # A share lock: `classes update` (which locks the row to write it) waits for this
+        # push, then finds its version among the ones it must check.
         class_row = session.scalar(
-            sa.select(ModuleClassRow).where(ModuleClassRow.name == class_name)
+            sa.select(ModuleClassRow)
+            .where(ModuleClassRow.name == class_name)
+            .with_for_update(read=True)
         )
         if class_row is None:
             raise ClassNotFoundError(class_name)
+        if checked is not None and (
+            class_row.inputs != [s.to_dict() for s in checked.inputs]
+            or class_row.outputs != [s.to_dict() for s in checked.outputs]
+        ):
+            raise WriteConflictError(
+                f"class {class_name!r} was updated while this push was checked against it; "
+                "nothing was stored, push again"
+            )
         row = session.scalar(sa.select(ModelRow).where(ModelRow.name == model))
         if row is None:
             row = ModelRow(name=model, class_id=class_row.id, last_version=0, created_at=utcnow())
             session.add(row)
             session.flush()
+        elif row.class_id is None:
+            row.class_id = class_row.id  # its class was deleted with its last version
         elif row.class_id != class_row.id:
             existing = session.get_one(ModuleClassRow, row.class_id)
             raise ClassMismatchError(model, existing.name, class_name)
@@ -203,16 +226,11 @@ class Checkpoints:
         """Compare-and-set inside the caller's write transaction: move `alias` to `version`
         only if it still points at `expect`; False, with nothing changed, otherwise."""
         model_row = _model_row(session, model)
-        row = session.scalar(
-            sa.select(AliasRow)
-            .where(AliasRow.model_id == model_row.id, AliasRow.name == alias)
-            .with_for_update()
-        )
-        current = session.get_one(VersionRow, row.version_id).version if row else None
-        if current != expect:
-            return False
         target = _version_row(session, model_row, model, version)
-        self._move_alias(session, model_row, alias, target, expect, actor)
+        try:
+            self._move_alias(session, model_row, alias, target, expect, actor)
+        except AliasConflictError:
+            return False
         return True
 
     def alias_version(self, model: str, alias: str) -> int | None:
@@ -376,7 +394,7 @@ class Checkpoints:
                 .where(VersionRow.model_id == model_row.id)
                 .order_by(VersionRow.version)
             )
-            return [_version(session, model_row, row) for row in rows]
+            return _versions(session, model_row, list(rows))
 
     def alias_history(self, model: str, alias: str | None = None) -> list[AliasEvent]:
         """Alias moves of a model, oldest first (optionally of one alias)."""
@@ -431,26 +449,38 @@ def _alias_target(session: Session, model_row: ModelRow, alias: str) -> VersionR
 
 
 def _version(session: Session, model_row: ModelRow, row: VersionRow) -> Version:
+    return _versions(session, model_row, [row])[0]
+
+
+def _versions(session: Session, model_row: ModelRow, rows: Sequence[VersionRow]) -> list[Version]:
+    """Rows → entities in two queries however many versions there are."""
     class_name = session.scalar(
         sa.select(ModuleClassRow.name).where(ModuleClassRow.id == model_row.class_id)
     )
-    aliases = session.scalars(
-        sa.select(AliasRow.name).where(AliasRow.version_id == row.id).order_by(AliasRow.name)
-    )
-    return Version(
-        model=model_row.name,
-        version=row.version,
-        class_name=class_name or "",
-        digest=row.digest,
-        size=row.size,
-        parent_version=row.parent_version,
-        source=row.source,
-        description=row.description,
-        tags=dict(row.tags),
-        metrics=dict(row.metrics),
-        created_at=row.created_at,
-        aliases=tuple(aliases),
-    )
+    aliases: dict[int, list[str]] = {}
+    for version_id, alias in session.execute(
+        sa.select(AliasRow.version_id, AliasRow.name)
+        .where(AliasRow.version_id.in_([row.id for row in rows]))
+        .order_by(AliasRow.name)
+    ):
+        aliases.setdefault(version_id, []).append(alias)
+    return [
+        Version(
+            model=model_row.name,
+            version=row.version,
+            class_name=class_name or "",
+            digest=row.digest,
+            size=row.size,
+            parent_version=row.parent_version,
+            source=row.source,
+            description=row.description,
+            tags=dict(row.tags),
+            metrics=dict(row.metrics),
+            created_at=row.created_at,
+            aliases=tuple(aliases.get(row.id, ())),
+        )
+        for row in rows
+    ]
 
 
 def _model(session: Session, row: ModelRow) -> Model:

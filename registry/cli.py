@@ -14,13 +14,16 @@ from moduleserve.client.tables import os_error_code, print_error, run_main
 from moduleserve.client.version import version_text
 from moduleserve.registry import errors
 from moduleserve.registry.api import Registry
+from moduleserve.registry.classes import SPEC_DTYPES
 from moduleserve.registry.commands import (
     cmd_alias_history,
     cmd_alias_set,
     cmd_alias_unset,
+    cmd_classes_delete,
     cmd_classes_list,
     cmd_classes_register,
     cmd_classes_show,
+    cmd_classes_update,
     cmd_datasets_list,
     cmd_datasets_push,
     cmd_datasets_show,
@@ -187,9 +190,31 @@ def _add_class_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         action="append",
         required=True,
         metavar="NAME:DTYPE:SHAPE",
-        help="forward() input, e.g. x:float32:-1,3,8,8 (repeat per input)",
+        help=f"forward() input, e.g. x:float32:-1,3,8,8: -1 first for the batch dimension, "
+        f"dtype one of {', '.join(SPEC_DTYPES)} (repeat per input)",
+    )
+    register.add_argument(
+        "--output",
+        action="append",
+        metavar="NAME:DTYPE:SHAPE",
+        help="name what forward() returns, in order, e.g. logits:float32:-1,10 (checked "
+        "against it; default output0, output1, ...)",
     )
     register.add_argument("--description", default="")
+    update = _command(
+        classes,
+        "update",
+        cmd_classes_update,
+        "change a class's inputs, outputs or description; a new spec must run on every "
+        "stored version's weights",
+    )
+    update.add_argument("name", help="a registered class name")
+    update.add_argument("--input", action="append", metavar="NAME:DTYPE:SHAPE", help="as register")
+    update.add_argument("--output", action="append", metavar="NAME:DTYPE:SHAPE", help="as register")
+    update.add_argument("--description")
+    _command(
+        classes, "delete", cmd_classes_delete, "remove a class no stored version uses"
+    ).add_argument("name", help="a registered class name")
     _command(classes, "list", cmd_classes_list, "list registered classes")
     _command(classes, "show", cmd_classes_show, "show one class").add_argument(
         "name", help="a registered class name"

@@ -12,7 +12,7 @@ from typing import Any
 from moduleserve.client.tables import format_table, human_bytes, to_json
 from moduleserve.registry.api import Registry
 from moduleserve.registry.checkpoints import UNSET, _Unset
-from moduleserve.registry.classes import parse_input_spec
+from moduleserve.registry.classes import parse_input_spec, parse_tensor_spec
 from moduleserve.registry.entities import ModuleClass
 from moduleserve.registry.errors import InvalidInputError
 from moduleserve.registry.names import parse_model_ref, parse_version
@@ -61,10 +61,38 @@ def cmd_classes_register(registry: Registry, args: argparse.Namespace) -> int:
     if not isinstance(kwargs, dict):
         raise InvalidInputError("--kwargs must be a JSON object, e.g. '{\"hidden\": 64}'")
     specs = [parse_input_spec(text) for text in args.input]
+    outputs = [parse_tensor_spec(text, "output") for text in args.output or ()]
     module_class = registry.classes.register(
-        args.name, args.import_path, kwargs, specs, args.description
+        args.name, args.import_path, kwargs, specs, args.description, outputs
     )
     emit(args, _class_dict(module_class), f"registered class {module_class.name}")
+    return 0
+
+
+def cmd_classes_update(registry: Registry, args: argparse.Namespace) -> int:
+    """Change a class's specs or description (checked against every stored version)."""
+    if not args.input and not args.output and args.description is None:
+        raise InvalidInputError("nothing to update: give --input, --output or --description")
+    module_class = registry.update_class(
+        args.name,
+        inputs=[parse_input_spec(text) for text in args.input or ()],
+        outputs=[parse_tensor_spec(text, "output") for text in args.output or ()],
+        description=args.description,
+    )
+    checked = sum(len(users) for users in registry.classes.versions_of(args.name).values())
+    emit(
+        args,
+        _class_dict(module_class),
+        f"updated class {module_class.name}: inputs {_specs(module_class.inputs)}; "
+        f"outputs {_specs(module_class.outputs)} ({checked} version(s) checked)",
+    )
+    return 0
+
+
+def cmd_classes_delete(registry: Registry, args: argparse.Namespace) -> int:
+    """Remove a class no stored version uses."""
+    module_class = registry.classes.delete(args.name)
+    emit(args, _class_dict(module_class), f"deleted class {module_class.name}")
     return 0
 
 

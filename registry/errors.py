@@ -96,6 +96,16 @@ class VersionInUseError(ConflictError):
         self.model, self.version, self.aliases = model, version, list(aliases)
 
 
+class ClassInUseError(ConflictError):
+    """A class cannot be deleted while stored versions use it."""
+
+    def __init__(self, name: str, versions: Sequence[str]) -> None:
+        super().__init__(
+            f"module class {name!r} is used by version(s) {listing(versions)}; delete them first"
+        )
+        self.name, self.versions = name, list(versions)
+
+
 class ClassMismatchError(ConflictError):
     """A push names a different class than the model was created with."""
 
@@ -118,6 +128,11 @@ class ClassNotAllowedError(RegistryError):
 
 class ClassBuildError(InvalidInputError):
     """The class could not be imported or constructed with its kwargs."""
+
+
+class ForwardCheckError(InvalidInputError):
+    """A class's forward pass on its own spec (rows of zeros, with the weights when there
+    are some) fails, or returns outputs that cannot be served: nothing was stored."""
 
 
 class UnsafeCheckpointError(InvalidInputError):

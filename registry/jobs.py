@@ -6,6 +6,9 @@ each take a different job; SQLite's `BEGIN IMMEDIATE` serialises claimers instea
 worker renews its lease while it trains; a job whose worker died is claimed again once
 the lease has expired, and resumes from its last epoch. Every write by a worker checks
 that the worker still holds the job, so a worker that lost its lease changes nothing.
+
+Leases are set, renewed and expired on the database's clock (`db_now`), never on a
+worker's: workers on machines whose clocks disagree still agree on when a lease ends.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from moduleserve.registry.entities import (
     Version,
 )
 from moduleserve.registry.errors import InvalidInputError, JobNotFoundError, JobStateError
-from moduleserve.registry.orm import JobEpochRow, JobEventRow, JobRow, ModelRow, utcnow
+from moduleserve.registry.orm import JobEpochRow, JobEventRow, JobRow, ModelRow, db_now, utcnow
 
 MAX_JOB_ID_LENGTH = 32
 MAX_REASON_LENGTH = 2000
@@ -76,9 +79,11 @@ class Jobs:
         *,
         alias: str | None,
         created_by: str,
+        notes: Sequence[str] = (),
     ) -> Job:
         """Queue a job (its inputs already validated); the alias's current version is kept as
-        the compare-and-set value for moving it on success."""
+        the compare-and-set value for moving it on success. Each of `notes` (what validation
+        adjusted) becomes a log event after the queued one."""
         expect = self._checkpoints.alias_version(base.model, alias) if alias else None
         with self._db.write() as session:
             model_row = _model_row(session, base.model)
@@ -107,6 +112,8 @@ class Jobs:
             session.add(row)
             session.flush()
             _add_event(session, row, "state", {"state": "queued", "message": f"by {created_by}"})
+            for note in notes:
+                _add_event(session, row, "log", {"message": note})
             return _job(session, row)
 
     def get(self, job_id: str) -> Job:
@@ -128,7 +135,7 @@ class Jobs:
                 )
             if states:
                 query = query.where(JobRow.state.in_(list(states)))
-            return [_job(session, row) for row in session.scalars(query)]
+            return _jobs(session, list(session.scalars(query)))
 
     def events(self, job_id: str, after_seq: int = 0, limit: int = 0) -> builtins.list[JobEvent]:
         """The job's events with seq > after_seq, oldest first (all when limit is 0)."""
@@ -142,6 +149,20 @@ class Jobs:
             if limit > 0:
                 query = query.limit(limit)
             return [_event(row) for row in session.scalars(query)]
+
+    def poll(self, job_id: str, after_seq: int) -> tuple[builtins.list[JobEvent], bool]:
+        """The events after `after_seq` and whether the job has finished, in one read: when
+        it says finished, the events include the last one (the state is read first)."""
+        with self._db.read() as session:
+            state = session.scalar(sa.select(JobRow.state).where(JobRow.id == job_id))
+            if state is None:
+                raise JobNotFoundError(job_id)
+            rows = session.scalars(
+                sa.select(JobEventRow)
+                .where(JobEventRow.job_id == job_id, JobEventRow.seq > after_seq)
+                .order_by(JobEventRow.seq)
+            )
+            return [_event(row) for row in rows], state in FINISHED_JOB_STATES
 
     def epoch(self, job_id: str, epoch: int) -> JobEpoch:
         """One kept epoch of a job."""
@@ -178,7 +199,7 @@ class Jobs:
                 raise JobStateError(f"job {job_id} already {row.state}; there is nothing to cancel")
             if row.state == "queued":
                 _set_state(session, row, "cancelled", f"cancelled by {actor} before it started")
-            elif _lease_expired(row):
+            elif _lease_expired(row, _db_time(session)):
                 _set_state(session, row, "cancelled", f"cancelled by {actor} (no live worker)")
             elif not row.cancel_requested:
                 row.cancel_requested = True
@@ -193,8 +214,8 @@ class Jobs:
         A job whose workers died `max_attempts` times is failed instead of run once more,
         and one whose cancel was asked is cancelled instead of run.
         """
-        now = utcnow()
         with self._db.write() as session:
+            now = _db_time(session)
             while True:
                 row = session.scalar(
                     sa.select(JobRow)
@@ -229,7 +250,7 @@ class Jobs:
             held = session.execute(
                 sa.update(JobRow)
                 .where(JobRow.id == job_id, JobRow.worker == worker, JobRow.state == "running")
-                .values(lease_until=utcnow() + timedelta(seconds=lease_s))
+                .values(lease_until=db_now(lease_s))
                 .returning(JobRow.cancel_requested)
             ).scalar_one_or_none()
         return Lease(held=held is not None, cancel_requested=bool(held))
@@ -378,8 +399,13 @@ def _held_row(session: Session, job_id: str, worker: str) -> JobRow | None:
     return row
 
 
-def _lease_expired(row: JobRow) -> bool:
-    return row.state == "running" and row.lease_until is not None and row.lease_until < utcnow()
+def _lease_expired(row: JobRow, now: datetime) -> bool:
+    return row.state == "running" and row.lease_until is not None and row.lease_until < now
+
+
+def _db_time(session: Session) -> datetime:
+    """The database's clock now: what leases are compared with (see `db_now`)."""
+    return session.execute(sa.select(db_now())).scalar_one()
 
 
 def _drop_resume_states(session: Session, job_id: str) -> None:
@@ -425,18 +451,53 @@ def _check_state(state: str) -> None:
 
 
 def _job(session: Session, row: JobRow) -> Job:
-    epochs = session.scalars(
-        sa.select(JobEpochRow).where(JobEpochRow.job_id == row.id).order_by(JobEpochRow.epoch)
+    return _jobs(session, [row])[0]
+
+
+def _jobs(session: Session, rows: Sequence[JobRow]) -> builtins.list[Job]:
+    """Rows → entities with their models, epochs and latest progress, in three queries
+    however many jobs there are."""
+    ids = [row.id for row in rows]
+    models: dict[int, str] = {
+        model_id: name
+        for model_id, name in session.execute(
+            sa.select(ModelRow.id, ModelRow.name).where(
+                ModelRow.id.in_({row.model_id for row in rows})
+            )
+        )
+    }
+    epochs: dict[str, list[JobEpoch]] = {}
+    for epoch_row in session.scalars(
+        sa.select(JobEpochRow).where(JobEpochRow.job_id.in_(ids)).order_by(JobEpochRow.epoch)
+    ):
+        epochs.setdefault(epoch_row.job_id, []).append(_epoch(epoch_row))
+    latest = (
+        sa.select(JobEventRow.job_id, sa.func.max(JobEventRow.seq).label("seq"))
+        .where(JobEventRow.job_id.in_(ids), JobEventRow.kind == "progress")
+        .group_by(JobEventRow.job_id)
+        .subquery()
     )
-    progress = session.scalar(
-        sa.select(JobEventRow)
-        .where(JobEventRow.job_id == row.id, JobEventRow.kind == "progress")
-        .order_by(JobEventRow.seq.desc())
-        .limit(1)
-    )
+    progress = {
+        event.job_id: _event(event)
+        for event in session.scalars(
+            sa.select(JobEventRow).join(
+                latest,
+                (JobEventRow.job_id == latest.c.job_id) & (JobEventRow.seq == latest.c.seq),
+            )
+        )
+    }
+    return [
+        _job_entity(row, models[row.model_id], epochs.get(row.id, []), progress.get(row.id))
+        for row in rows
+    ]
+
+
+def _job_entity(
+    row: JobRow, model: str, epochs: Sequence[JobEpoch], progress: JobEvent | None
+) -> Job:
     return Job(
         id=row.id,
-        model=session.get_one(ModelRow, row.model_id).name,
+        model=model,
         base_version=row.base_version,
         dataset=row.dataset,
         dataset_digest=row.dataset_digest,
@@ -457,8 +518,8 @@ def _job(session: Session, row: JobRow) -> Job:
         created_at=row.created_at,
         started_at=row.started_at,
         finished_at=row.finished_at,
-        epochs=tuple(_epoch(e) for e in epochs),
-        progress=_event(progress) if progress is not None else None,
+        epochs=tuple(epochs),
+        progress=progress,
     )
 
 

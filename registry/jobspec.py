@@ -14,6 +14,15 @@ LOSSES = ("cross_entropy", "mse", "l1")
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
+# Bounds of the counts, here alone (the README's fine-tuning section lists them): a value
+# past one is a typo or a unit mix-up, and would hold a worker for months or overflow the
+# counters the worker stores.
+MAX_EPOCHS = 10_000
+MAX_STEPS = 100_000_000
+"""Bound of max_steps, warmup_steps and log_every_steps."""
+MAX_BATCH_SIZE = 65_536
+MAX_PATIENCE = MAX_EPOCHS
+
 
 @dataclass(frozen=True)
 class JobSpec:
@@ -68,9 +77,9 @@ class JobSpec:
             math.isfinite(self.learning_rate) and self.learning_rate > 0,
             f"learning_rate must be > 0, got {self.learning_rate}",
         )
-        _require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
-        _require(self.max_steps >= 0, f"max_steps must be >= 0, got {self.max_steps}")
-        _require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _in_range("epochs", self.epochs, 1, MAX_EPOCHS)
+        _in_range("max_steps", self.max_steps, 0, MAX_STEPS, " (0: every epoch)")
+        _in_range("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
         _require(
             math.isfinite(self.weight_decay) and self.weight_decay >= 0,
             f"weight_decay must be >= 0, got {self.weight_decay}",
@@ -80,19 +89,16 @@ class JobSpec:
             math.isfinite(self.grad_clip_norm) and self.grad_clip_norm >= 0,
             f"grad_clip_norm must be >= 0 (0: off), got {self.grad_clip_norm}",
         )
-        _require(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        _in_range("warmup_steps", self.warmup_steps, 0, MAX_STEPS)
         _require(0 <= self.val_split < 1, f"val_split must be in [0, 1), got {self.val_split}")
-        _require(
-            self.early_stopping_patience >= 0,
-            f"early_stopping_patience must be >= 0 (0: off), got {self.early_stopping_patience}",
+        _in_range(
+            "early_stopping_patience", self.early_stopping_patience, 0, MAX_PATIENCE, " (0: off)"
         )
         _require(
             self.early_stopping_patience == 0 or self.val_split > 0,
             "early_stopping_patience needs a validation set: set val_split > 0",
         )
-        _require(
-            self.log_every_steps >= 1, f"log_every_steps must be >= 1, got {self.log_every_steps}"
-        )
+        _in_range("log_every_steps", self.log_every_steps, 1, MAX_STEPS)
         _require(-(2**63) <= self.seed < 2**63, f"seed must fit in 64 bits, got {self.seed}")
         for pattern in self.freeze:
             _require(bool(pattern.strip()), "freeze patterns must not be blank")
@@ -115,6 +121,13 @@ class JobSpec:
 def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise InvalidInputError(f"unknown {name} {value!r}: use one of {', '.join(choices)}")
+
+
+def _in_range(name: str, value: int, low: int, high: int, note: str = "") -> None:
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and low <= value <= high,
+        f"{name} must be from {low} to {high}{note}, got {value!r}",
+    )
 
 
 def _require(condition: bool, sentence: str) -> None:

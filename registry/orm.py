@@ -7,7 +7,10 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 # Named constraints: SQLite's batch migrations need names to alter them.
 NAMING_CONVENTION = {
@@ -43,6 +46,31 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
         return value
 
 
+class db_now(FunctionElement[datetime]):  # lower case: it reads as the SQL function it is
+    """The database's clock in UTC, plus `seconds`: job leases are set, renewed and expired
+    on it, so workers whose own clocks disagree still agree on when a lease ends."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        super().__init__(sa.literal(float(seconds), sa.Float()))
+
+
+@compiles(db_now)
+def _db_now_postgresql(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
+    # now() is the transaction's start: one claim or renewal sees one instant throughout.
+    return f"(now() + make_interval(secs => {compiler.process(element.clauses, **kw)}))"
+
+
+@compiles(db_now, "sqlite")
+def _db_now_sqlite(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
+    # SQLite's 'now' is UTC. The text matches how SQLAlchemy stores a DateTime there
+    # (microseconds: %f gives milliseconds, padded), so comparisons stay chronological.
+    seconds = compiler.process(element.clauses, **kw)
+    return f"(strftime('%Y-%m-%d %H:%M:%f', 'now', ({seconds}) || ' seconds') || '000')"
+
+
 class Base(DeclarativeBase):
     """Declarative base with the naming convention and shared column types."""
 
@@ -72,7 +100,9 @@ class ModelRow(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(sa.String(128), unique=True)
-    class_id: Mapped[int] = mapped_column(sa.ForeignKey("module_classes.id"))
+    class_id: Mapped[int | None] = mapped_column(sa.ForeignKey("module_classes.id"))
+    """None once its class was deleted (only a model with no versions left allows that);
+    its next push names a class. The row stays so that version numbers are never reused."""
     last_version: Mapped[int] = mapped_column(default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 

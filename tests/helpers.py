@@ -21,6 +21,7 @@ from moduleserve.client.introspection_results import Totals
 from moduleserve.registry.api import Registry
 from moduleserve.registry.cli import main as registry_cli
 from moduleserve.registry.config import RegistrySettings
+from moduleserve.registry.entities import Version
 
 REPO = Path(__file__).resolve().parent.parent
 POSTGRES_ENV = "MODULESERVE_TEST_POSTGRES_URL"
@@ -67,6 +68,18 @@ def seeded_registry(folder: Path) -> Registry:
     )
     reg.push("doubler", Doubler().state_dict(), class_name="Doubler")
     return reg
+
+
+def push_unchecked(
+    registry: Registry, model: str, tensors: dict[str, torch.Tensor], class_name: str
+) -> Version:
+    """Store a version without `push`'s checks, as a release before them did (or as if the
+    class's code changed since): for tests of what the server does with a version that
+    cannot serve, such as one whose warm-up fails."""
+    from moduleserve.registry.formats import encode_tensors
+
+    data = encode_tensors(tensors)
+    return registry.checkpoints.add_version(model, registry.blobs.put(data), len(data), class_name)
 
 
 def subprocess_env(db_url: str, store: Path) -> dict[str, str]:

@@ -83,3 +83,34 @@ class NanHater(nn.Module):
         if not x.is_meta and torch.isnan(x).any():
             raise RuntimeError("NaN reached a layer that cannot take it")
         return self.linear(x)
+
+
+class IntDoubler(Doubler):
+    """Doubler for integer inputs: y = 2x + 1 in float32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.float())
+
+
+class FirstRowOnly(nn.Module):
+    """Returns one row whatever it is given, but only outside the meta device, where the
+    registration check runs: push's real forward pass must catch it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear(x)
+        return out if x.is_meta else out[:1]
+
+
+class RowSum(nn.Module):
+    """Sums over the batch: its output has no row per input row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x).sum(dim=0)

@@ -1,22 +1,26 @@
 """The server's own fine-tuning workers: child processes it starts, restarts and stops.
 
 Jobs never run in the server's process: a job that crashes (or is killed) takes down its
-worker, not inference. The workers inherit the server's registry settings through
-MODULESERVE_* variables and run `python -m moduleserve.server.jobs.worker`.
+worker, not inference. Each worker runs `python -m moduleserve.server.jobs.worker` and gets
+the server's settings one way only: every field of them, written to a private file that
+MODULESERVE_WORKER_SETTINGS_FILE names (a new setting cannot be forgotten on the way).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
-from moduleserve.server.config import ServerSettings
+from moduleserve.server.config import JobWorkerSettings, ServerSettings
+from moduleserve.server.jobs.worker import SETTINGS_FILE_ENV
 from moduleserve.server.workers import die_with_parent
 
 logger = logging.getLogger(__name__)
@@ -26,26 +30,9 @@ MAX_RESTART_DELAY_S = 60.0
 QUICK_EXIT_S = 10.0
 
 
-def worker_environment(settings: ServerSettings) -> dict[str, str]:
-    """The environment of a worker: the server's registry and job settings."""
+def worker_environment() -> dict[str, str]:
+    """The environment of a worker: the server's, with the server's import path."""
     env = dict(os.environ)
-    env.update(
-        {
-            "MODULESERVE_DB": settings.database_url(),
-            "MODULESERVE_STORE": str(settings.store.resolve()),
-            "MODULESERVE_ALLOWED_CLASS_PREFIXES": json.dumps(settings.allowed_class_prefixes),
-            "MODULESERVE_CLASS_PATH": json.dumps([str(p.resolve()) for p in settings.class_path]),
-            "MODULESERVE_DEFAULT_ALIAS": settings.default_alias,
-            "MODULESERVE_JOB_DEVICE": settings.job_device,
-            "MODULESERVE_JOB_TORCH_THREADS": str(settings.job_torch_threads),
-            "MODULESERVE_JOB_NICE": str(settings.job_nice),
-            "MODULESERVE_JOB_LEASE_S": str(settings.job_lease_s),
-            "MODULESERVE_JOB_POLL_S": str(settings.job_poll_s),
-            "MODULESERVE_JOB_MAX_ATTEMPTS": str(settings.job_max_attempts),
-            "MODULESERVE_LOG_FORMAT": settings.log_format,
-            "MODULESERVE_LOG_LEVEL": settings.log_level,
-        }
-    )
     # Whatever made the server's classes importable (its folder, PYTHONPATH) must hold
     # for the workers too.
     paths = [p for p in sys.path if p and not p.startswith((sys.prefix, sys.base_prefix))]
@@ -53,11 +40,23 @@ def worker_environment(settings: ServerSettings) -> dict[str, str]:
     return env
 
 
+def write_worker_settings(settings: JobWorkerSettings, path: Path) -> None:
+    """Every field of the workers' settings, as JSON in a file only this user can read (the
+    database URL may hold a password)."""
+    fields = set(JobWorkerSettings.model_fields)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(settings.model_dump_json(include=fields))
+
+
 class WorkerProcesses:
     """`count` worker processes kept running while the server runs."""
 
     def __init__(self, settings: ServerSettings, count: int) -> None:
-        self._env = worker_environment(settings)
+        self._settings = settings
+        self._env = worker_environment()
+        self._folder: Path | None = None
+        self._spawned = 0
         self._count = count
         self._grace = settings.shutdown_grace_s
         self._procs: list[subprocess.Popen[bytes]] = []
@@ -78,7 +77,14 @@ class WorkerProcesses:
         self._task = asyncio.get_running_loop().create_task(self._supervise())
         logger.info("started %d fine-tuning worker process(es)", self._count)
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        """The next worker's command line and environment, its settings file written (`stop`
+        removes the files no worker read)."""
+        if self._folder is None:
+            self._folder = Path(tempfile.mkdtemp(prefix="moduleserve-workers-"))  # mode 0700
+        self._spawned += 1
+        path = self._folder / f"settings-{self._spawned}.json"
+        write_worker_settings(self._settings, path)
         args = [
             sys.executable,
             "-m",
@@ -86,7 +92,11 @@ class WorkerProcesses:
             "--parent-pid",
             str(os.getpid()),
         ]
-        return subprocess.Popen(args, env=self._env, preexec_fn=die_with_parent)
+        return args, {**self._env, SETTINGS_FILE_ENV: str(path)}
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        args, env = self.command()
+        return subprocess.Popen(args, env=env, preexec_fn=die_with_parent)
 
     async def _supervise(self) -> None:
         while True:
@@ -112,6 +122,8 @@ class WorkerProcesses:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         await asyncio.gather(*(asyncio.to_thread(self._wait, p) for p in self._procs))
+        if self._folder is not None:  # files of workers that died before reading theirs
+            shutil.rmtree(self._folder, ignore_errors=True)
 
     def _wait(self, proc: subprocess.Popen[bytes]) -> None:
         try:

@@ -40,6 +40,9 @@ if TYPE_CHECKING:  # imported on the first claim (`Training.load`), never by an 
 
 logger = logging.getLogger("moduleserve.server.jobs.worker")  # also when run as __main__
 
+SETTINGS_FILE_ENV = "MODULESERVE_WORKER_SETTINGS_FILE"
+"""Names the file of settings a server writes for each worker it starts (see `load_settings`)."""
+
 
 def run_worker(settings: WorkerSettings, shutdown: threading.Event) -> None:
     """Claim and run jobs until `shutdown` is set."""
@@ -235,16 +238,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse, validate, then work until SIGTERM/SIGINT."""
-    args = build_parser().parse_args(argv)
+def load_settings(args: argparse.Namespace) -> WorkerSettings:
+    """The worker's settings. A server's worker reads the file SETTINGS_FILE_ENV names: the
+    server's own settings, every field of them (so none can be forgotten on the way), in a
+    file only this user can read, removed once read. A worker started by hand takes its
+    flags over MODULESERVE_* variables over moduleserve.toml.
+
+    Raises ValueError or ValidationError for settings that are not valid."""
+    named = os.environ.get(SETTINGS_FILE_ENV)
+    if named:
+        path = Path(named)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ValueError(f"cannot read the settings file {path}: {exc.strerror}") from None
+        path.unlink(missing_ok=True)  # it was written for this process alone
+        return WorkerSettings.model_validate_json(text)
     flags: dict[str, Any] = {
         k: v for k, v in vars(args).items() if v is not None and k != "parent_pid"
     }
     prefixes = flags.pop("allowed_class_prefixes", ())
     class_path = [Path(p) for p in flags.pop("class_path", ())]
+    return with_added(WorkerSettings(**flags), prefixes, class_path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, validate, then work until SIGTERM/SIGINT."""
+    args = build_parser().parse_args(argv)
     try:
-        settings = with_added(WorkerSettings(**flags), prefixes, class_path)
+        settings = load_settings(args)
         check_device(settings.job_device)
     except (ValidationError, ValueError) as exc:
         print(f"error: invalid settings: {settings_error_text(exc)}", file=sys.stderr)

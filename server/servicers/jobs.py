@@ -7,6 +7,7 @@ security.GRPC_ACCESS, applied around every handler where they are registered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -24,7 +25,7 @@ from moduleserve.server.convert_jobs import (
     spec_from_pb,
     states_from_pb,
 )
-from moduleserve.server.jobs.api import create_job, follow_events
+from moduleserve.server.jobs.api import JobFeeds, create_job
 from moduleserve.server.status import map_errors, map_stream_errors
 
 Context = grpc.aio.ServicerContext
@@ -40,6 +41,8 @@ class JobsServicer(pb_grpc.JobsServicer):
         self.registry = registry
         self.closing = asyncio.Event()
         """Set when the server stops: open WatchJob streams end instead of holding it up."""
+        self.feeds = JobFeeds(registry)
+        """Watchers of one job share one poller of the database."""
 
     @map_errors
     async def CreateJob(
@@ -80,9 +83,12 @@ class JobsServicer(pb_grpc.JobsServicer):
         self, request: pb.WatchJobRequest, context: Context
     ) -> AsyncIterator[pb.JobEvent]:
         await asyncio.to_thread(self.registry.jobs.get, request.job_id)  # NOT_FOUND up front
-        events = follow_events(self.registry, request.job_id, request.after_seq, self.closing)
-        async for event in events:
-            yield event_to_pb(event)
+        events = self.feeds.follow(request.job_id, request.after_seq, self.closing)
+        # Closed here, not by the garbage collector, when the watcher goes: the job's poller
+        # stops as soon as its last watcher has left.
+        async with contextlib.aclosing(events):
+            async for event in events:
+                yield event_to_pb(event)
 
     @map_errors
     async def ListJobEvents(
@@ -100,6 +106,7 @@ class JobsServicer(pb_grpc.JobsServicer):
         job = await asyncio.to_thread(
             self.registry.jobs.request_cancel, request.job_id, _actor(context)
         )
+        self.feeds.wake(job.id)  # its watchers here see the request now, not a poll later
         return pb.CancelJobResponse(job=job_to_pb(job))
 
     @map_errors

@@ -60,7 +60,7 @@ def test_values_that_do_not_fit_an_integer_input_are_refused(
     client: ModelClient, demo_registry: Registry
 ) -> None:
     demo_registry.classes.register(
-        "IntDoubler", "tests.models:Doubler", {}, [parse_input_spec("x:int32:-1,1")]
+        "IntDoubler", "tests.models:IntDoubler", {}, [parse_input_spec("x:int32:-1,1")]
     )
     demo_registry.push("ints", Doubler().state_dict(), class_name="IntDoubler")
     with pytest.raises(InvalidArgumentError, match=r"values from 0 to 4294967296 do not fit"):

@@ -31,7 +31,14 @@ from moduleserve.registry.demo.seed import seed_demo
 from moduleserve.registry.errors import InvalidInputError
 from moduleserve.registry.names import parse_ref
 from moduleserve.server.cli import build_parser, settings_from
-from tests.helpers import REPO, EnvoyServer, ServerThread, registry_settings, server_settings
+from tests.helpers import (
+    REPO,
+    EnvoyServer,
+    ServerThread,
+    push_unchecked,
+    registry_settings,
+    server_settings,
+)
 from tests.models import BrokenWarmup, Doubler
 
 Code = grpc.StatusCode
@@ -403,7 +410,7 @@ def test_refused_large_requests_leave_no_memory_behind(
     demo_registry.classes.register(
         "Broken", "tests.models:BrokenWarmup", {}, [parse_input_spec("x:float32:-1,2")]
     )
-    demo_registry.push("broken", BrokenWarmup().state_dict(), class_name="Broken")
+    push_unchecked(demo_registry, "broken", BrokenWarmup().state_dict(), "Broken")
     server = start(demo_registry)  # the default max_message_mb
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     try:
@@ -504,7 +511,7 @@ def test_load_errors_say_what_failed_but_never_quote_user_code(demo_registry: Re
     demo_registry.classes.register(
         "Broken", "tests.models:BrokenWarmup", {}, [parse_input_spec("x:float32:-1,2")]
     )
-    demo_registry.push("broken", BrokenWarmup().state_dict(), class_name="Broken")
+    push_unchecked(demo_registry, "broken", BrokenWarmup().state_dict(), "Broken")
     _push_doubler(demo_registry, "drifted", 2)
     _drift_class(demo_registry, "Drifted", '{"features": 3}')
     _push_doubler(demo_registry, "keyed", 1)  # its constructor now fails, quoting a secret

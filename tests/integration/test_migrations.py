@@ -101,3 +101,49 @@ def test_demo_import_paths_move_under_moduleserve_and_back(db_url: str) -> None:
     back["Done"] = "registry.demo.models:MLP"  # already moved: the downgrade moves it too
     assert paths() == back
     db.dispose()
+
+
+_NULLABLE_CLASS = "3785e04cdb20"  # models.class_id nullable: a batch (copy) migration on SQLite
+
+
+def test_a_migration_that_copies_a_table_keeps_the_rows_that_refer_to_it(db_url: str) -> None:
+    """SQLite's batch mode drops and recreates `models`; with foreign keys on, the drop
+    would delete every version, alias and job of every model (ON DELETE CASCADE)."""
+    revision = ScriptDirectory.from_config(alembic_config()).get_revision(_NULLABLE_CLASS)
+    assert revision is not None and isinstance(revision.down_revision, str)
+    db = Database(db_url)
+    with db.engine.connect() as conn:
+        command.upgrade(alembic_config(conn), revision.down_revision)
+        conn.commit()
+    now = datetime.now(UTC).replace(tzinfo=None)
+    with db.engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO module_classes (name, import_path, kwargs, inputs, outputs, "
+                "description, created_at) VALUES ('C', 'pkg:C', '{}', '[]', '[]', '', :now)"
+            ),
+            {"now": now},
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO models (name, class_id, last_version, created_at) "
+                "SELECT 'm', id, 1, :now FROM module_classes"
+            ),
+            {"now": now},
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO versions (model_id, version, digest, size, source, description, "
+                "tags, metrics, created_at) SELECT id, 1, 'ab', 1, 'upload', '', '{}', '{}', :now "
+                "FROM models"
+            ),
+            {"now": now},
+        )
+
+    migrate(db)
+
+    with db.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM versions")).scalar_one() == 1
+        if db.is_sqlite:  # and the keys are enforced again afterwards
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar_one() == 1
+    db.dispose()

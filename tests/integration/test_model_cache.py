@@ -16,7 +16,7 @@ from moduleserve.client.errors import UnavailableError
 from moduleserve.registry.api import Registry
 from moduleserve.registry.classes import parse_input_spec
 from moduleserve.server.engine.batcher import DynamicBatcher
-from tests.helpers import ServerThread, server_settings
+from tests.helpers import ServerThread, push_unchecked, server_settings
 from tests.models import Wide
 
 
@@ -78,7 +78,7 @@ def test_warm_up_failure_keeps_the_model_unready(demo_registry: Registry) -> Non
     )
     from tests.models import BrokenWarmup
 
-    demo_registry.push("broken", BrokenWarmup().state_dict(), class_name="Broken")
+    push_unchecked(demo_registry, "broken", BrokenWarmup().state_dict(), "Broken")
     server = start(demo_registry)
     try:
         with ModelClient(server.target) as client:
@@ -201,7 +201,7 @@ def test_a_failed_load_is_remembered_and_evicts_nothing_again(demo_registry: Reg
     )
     from tests.models import BrokenWarmup
 
-    broken = demo_registry.push("broken", BrokenWarmup(64).state_dict(), class_name="Broken")
+    broken = push_unchecked(demo_registry, "broken", BrokenWarmup(64).state_dict(), "Broken")
     mynet = demo_registry.checkpoints.resolve("mynet")
     # Room for mynet, but not for mynet and broken together: loading broken would evict mynet.
     budget_mb = (mynet.size + broken.size // 2) / 2**20
