@@ -101,6 +101,18 @@ class ModelClassNotAllowedError(ModelLoadingError):
     """A version's class lies outside the server's allowed class prefixes."""
 
 
+class ModelOutputError(ServerError):
+    """A model's forward() returned what its class cannot serve: another number of tensors
+    than it declares, something that is not a tensor, or not one row per input row along
+    dimension 0 (so the batch cannot be split back into requests). The model's code is at
+    fault: no retry helps, and the request was fine."""
+
+    def __init__(self, model: str, version: str | None, class_name: str, reason: str) -> None:
+        quoted = shorten(class_name, QUOTED_CHARS)
+        super().__init__(f"{_model(model, version)}: its class {quoted!r} {reason}")
+        self.model, self.version, self.class_name, self.reason = model, version, class_name, reason
+
+
 class ModelNotReadyError(ServerError):
     """A model is not accepting requests (unloaded, stopping, or never started)."""
 

@@ -37,6 +37,7 @@ STATUS_FOR: dict[type[BaseException], grpc.StatusCode] = {
     server_errors.CheckpointMismatchError: grpc.StatusCode.FAILED_PRECONDITION,
     server_errors.ModelClassNotAllowedError: grpc.StatusCode.PERMISSION_DENIED,
     server_errors.ModelNotReadyError: grpc.StatusCode.UNAVAILABLE,
+    server_errors.ModelOutputError: grpc.StatusCode.FAILED_PRECONDITION,
     server_errors.UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     server_errors.PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
     introspect.TensorNotFoundError: grpc.StatusCode.NOT_FOUND,

@@ -83,3 +83,17 @@ class NanHater(nn.Module):
         if not x.is_meta and torch.isnan(x).any():
             raise RuntimeError("NaN reached a layer that cannot take it")
         return self.linear(x)
+
+
+class DropsLastRow(nn.Module):
+    """Drops the last output row of a real batch of three rows or more: a model whose
+    outputs break the one-row-per-input-row rule only where no meta-device probe, warm-up
+    (one row) or small request looks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        return y[:-1] if not x.is_meta and x.shape[0] >= 3 else y

@@ -42,7 +42,8 @@ from moduleserve.server.errors import (
 logger = logging.getLogger(__name__)
 
 Compute = Callable[[dict[str, torch.Tensor]], Mapping[str, torch.Tensor]]
-"""A forward pass over a batch: named inputs in, named outputs out, dim 0 kept."""
+"""A forward pass over a batch: named inputs in, named outputs out, dim 0 kept (one output
+row per input row: the compute function raises instead of returning anything else)."""
 
 DURATION_BUCKETS_S: Final = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
@@ -66,15 +67,10 @@ def _no_observations() -> list[int]:
 def split(
     outputs: Mapping[str, torch.Tensor], sizes: Sequence[int]
 ) -> list[dict[str, torch.Tensor]]:
-    """Split batch outputs along dim 0 into one dict per request (views, not copies)."""
-    total = sum(sizes)
-    for name, tensor in outputs.items():
-        rows = tensor.shape[0] if isinstance(tensor, torch.Tensor) and tensor.dim() else None
-        if rows != total:
-            raise ValueError(
-                f"output {name!r} has {rows} rows for a batch of {total}; "
-                "forward() must return one row per input row along dimension 0"
-            )
+    """Split batch outputs along dim 0 into one dict per request (views, not copies).
+
+    The outputs keep the batch's rows: `Compute` promises it (the model's compute function
+    checks what forward() returned before it gets here)."""
     if len(sizes) == 1:
         return [outputs if type(outputs) is dict else dict(outputs)]
     parts = {name: tensor.split(list(sizes)) for name, tensor in outputs.items()}

@@ -33,7 +33,7 @@ from moduleserve.server.engine.devices import (
 )
 from moduleserve.server.engine.load_errors import SEE_LOG, LoadFailure, load_error
 from moduleserve.server.engine.plan import InputPlan
-from moduleserve.server.errors import ModelLoadingError, ModelNotReadyError
+from moduleserve.server.errors import ModelLoadingError, ModelNotReadyError, ModelOutputError
 
 logger = logging.getLogger(__name__)
 
@@ -177,13 +177,7 @@ class ModelCache:
         module_class, module = await self._build_module(version)
         batching = self.settings.batching_for(name)
         half = HALF_TYPES.get(self.settings.dtype)
-        compute = make_compute(
-            module,
-            [s.name for s in module_class.inputs],
-            [s.name for s in module_class.outputs],
-            self.device,
-            half,
-        )
+        compute = make_compute(module, module_class, version, self.device, half)
         executor = self._executors.for_device(self.device)
         await self._warm_up(name, version, module_class, compute, executor)
         forward_s = None
@@ -271,14 +265,16 @@ class ModelCache:
         try:
             await loop.run_in_executor(executor, forward_once, compute, inputs)  # type: ignore[arg-type]
             return
+        except ModelOutputError as exc:  # our own sentence about what forward() returned
+            reason = f"failed its warm-up forward pass: its class {exc.class_name!r} {exc.reason}"
+            logger.warning("%s:%d %s", name, version.version, reason)
         except Exception as exc:  # user code failed on its own declared input spec
             logger.warning(
                 "%s:%d failed its warm-up forward pass", name, version.version, exc_info=exc
             )
-        # User code's text stays in the log: it may quote paths, data or secrets.
-        raise ModelLoadingError(
-            name, str(version.version), f"failed its warm-up forward pass ({SEE_LOG})"
-        )
+            # User code's text stays in the log: it may quote paths, data or secrets.
+            reason = f"failed its warm-up forward pass ({SEE_LOG})"
+        raise ModelLoadingError(name, str(version.version), reason)
 
     async def _time_forward(
         self,
@@ -299,6 +295,15 @@ class ModelCache:
                 compute,  # type: ignore[arg-type]
                 inputs,
             )
+        except ModelOutputError as exc:  # our own sentence says it all: no traceback
+            logger.warning(
+                "%s:%d failed its timed forward pass at %d rows: its class %r %s",
+                name,
+                version.version,
+                rows,
+                exc.class_name,
+                exc.reason,
+            )
         except Exception as exc:  # the warm-up passed at one row: load it, do not guess
             logger.warning(
                 "%s:%d failed its timed forward pass at %d rows",
@@ -307,7 +312,7 @@ class ModelCache:
                 rows,
                 exc_info=exc,
             )
-            return None
+        return None
 
     async def _make_room(self, version: Version) -> None:
         """Evict least recently used models until the new checkpoint fits the budget."""
