@@ -90,34 +90,66 @@ class ModelCache:
         self.ledger: StatsLedger[Key] = StatsLedger()
 
     # -- lookups ---------------------------------------------------------------------------
+    #
+    # Every caller resolves a version ref the same way (inference, readiness, metadata,
+    # config, statistics): a ref requests already use keeps the version they run on until
+    # the alias refresher swaps in its new target, warm by then; any other ref is resolved
+    # by the registry (a few indexed queries), and a number needs no lookup to be found in
+    # memory. Readiness never loads anything, and never adds a ref for the refresher to
+    # follow (that would load the alias's next target for a probe).
 
     async def get(self, model: str, ref: str = "") -> LoadedModel:
         """The loaded model for a version ref, loading it on first use if lazy loading is on."""
         return await self._get(model, ref, explicit=False)
 
     async def _get(self, model: str, ref: str, explicit: bool) -> LoadedModel:
-        number = self._refs.get((model, ref))
-        if number is not None:
-            loaded = self._models.get((model, number))
-            if loaded is not None:
-                loaded.last_used = time.monotonic()
-                return loaded
-        version = await asyncio.to_thread(self.registry.checkpoints.resolve, model, ref)
-        key = (version.model, version.version)
-        if not (explicit or self.settings.lazy_load or key in self._models or key in self._loading):
-            raise ModelNotReadyError(
-                model,
-                str(version.version),
-                "is not loaded, and this server loads models only when an operator asks "
-                f"(RepositoryModelLoad: moduleserve load {model})",
-            )
-        loaded = await self._ensure_loaded(version)
-        self._refs[(model, ref)] = version.version
+        loaded = self._in_use(model, ref)
+        if loaded is None:
+            version = await asyncio.to_thread(self.registry.checkpoints.resolve, model, ref)
+            key = (version.model, version.version)
+            if not (
+                explicit or self.settings.lazy_load or key in self._models or key in self._loading
+            ):
+                raise ModelNotReadyError(
+                    model,
+                    str(version.version),
+                    "is not loaded, and this server loads models only when an operator asks "
+                    f"(RepositoryModelLoad: moduleserve load {model})",
+                )
+            loaded = await self._ensure_loaded(version)
+            self._refs[(model, ref)] = version.version
+        loaded.last_used = time.monotonic()
         return loaded
 
+    def _in_use(self, model: str, ref: str) -> LoadedModel | None:
+        """The loaded model a ref in use points at: the version its requests run on."""
+        number = self._refs.get((model, ref))
+        return None if number is None else self._models.get((model, number))
+
+    async def resolve(self, model: str, ref: str = "") -> Version:
+        """The version a ref names on this server now, as inference resolves it; never
+        loads. Unknown models, versions and aliases raise the registry's NotFoundError."""
+        loaded = self._in_use(model, ref)
+        if loaded is not None:
+            return loaded.version
+        return await asyncio.to_thread(self.registry.checkpoints.resolve, model, ref)
+
+    async def find(self, model: str, ref: str = "") -> LoadedModel | None:
+        """The loaded model a ref names now (resolved as `resolve` does), or None when that
+        version is not in memory; never loads. A malformed ref raises InvalidInputError."""
+        loaded = self._in_use(model, ref)
+        if loaded is not None:
+            return loaded
+        parsed = parse_ref(ref)
+        if isinstance(parsed, int):  # a number is its own version: no registry lookup
+            return self._models.get((model, parsed))
+        version = await self.resolve(model, ref)
+        return self._models.get((version.model, version.version))
+
     def peek(self, model: str, ref: str = "") -> LoadedModel | None:
-        """The loaded model for a ref if it is in memory now; never loads. A malformed ref
-        raises InvalidInputError."""
+        """The loaded model for a version number (or a ref in use) if it is in memory now;
+        never loads, never waits. For a ref of any kind, `find`. A malformed ref raises
+        InvalidInputError."""
         number = self._refs.get((model, ref))
         if number is None:
             parsed = parse_ref(ref)
