@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -33,7 +32,11 @@ from moduleserve.server.engine.devices import (
 )
 from moduleserve.server.engine.load_errors import SEE_LOG, LoadFailure, load_error
 from moduleserve.server.engine.plan import InputPlan
-from moduleserve.server.errors import ModelLoadingError, ModelNotReadyError, ModelOutputError
+from moduleserve.server.errors import (
+    ModelLoadingError,
+    ModelNotReadyError,
+    ModelOutputError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +85,6 @@ class ModelCache:
         self._models: dict[Key, LoadedModel] = {}
         self._refs: dict[tuple[str, str], int] = {}
         self._loading: dict[Key, asyncio.Task[LoadedModel]] = {}
-        self._budget_lock = asyncio.Lock()
         self._reserved = 0  # bytes promised to loads in progress
         self._failed: dict[Key, LoadFailure] = {}
         self._refresher: asyncio.Task[None] | None = None
@@ -193,8 +195,13 @@ class ModelCache:
     async def _load(self, version: Version, why: str) -> LoadedModel:
         key = (version.model, version.version)
         try:
-            await self._make_room(version)
+            evicted = self._reserve(version)
             try:
+                # Drained with nothing held: other loads are admitted meanwhile (their
+                # warm-ups share the device's compute thread with what the victims still
+                # run). This load builds only once its room is really free.
+                while evicted:
+                    await self._release(evicted.pop(), "evicted to stay within the memory budget")
                 return await self._build_and_start(version, why)
             finally:
                 self._reserved -= version.size
@@ -346,8 +353,15 @@ class ModelCache:
             )
         return None
 
-    async def _make_room(self, version: Version) -> None:
-        """Evict least recently used models until the new checkpoint fits the budget."""
+    def _reserve(self, version: Version) -> list[LoadedModel]:
+        """Promise `version` the budget room it needs, taking it from the least recently used
+        models; returns those, detached, for the caller to release.
+
+        Synchronous on purpose: with no await between choosing victims and promising the
+        room, concurrent loads each see the others' promises (`_reserved`) and never share
+        room, and no lock is held while a victim drains its requests. A victim's memory
+        stays counted through the promise until the caller has released it.
+        """
         need = version.size
         if need > self._budget:
             raise ModelLoadingError(
@@ -356,30 +370,33 @@ class ModelCache:
                 f"needs {need / 2**20:.1f} MiB, more than the memory budget of "
                 f"{self._budget / 2**20:.0f} MiB",
             )
-        async with self._budget_lock:
-            # Loads in progress count too, or two concurrent loads would share the same room.
-            while (
-                sum(m.nbytes for m in self._models.values()) + self._reserved + need > self._budget
-            ):
-                if not self._models:
-                    raise ModelLoadingError(
-                        version.model,
-                        str(version.version),
-                        "does not fit the memory budget while other models are loading; retry",
-                    )
-                victim = min(self._models.values(), key=lambda m: m.last_used)
-                await self._drop(victim, "evicted to stay within the memory budget")
-            self._reserved += need
+        free = self._budget - self._reserved - sum(m.nbytes for m in self._models.values())
+        victims: list[LoadedModel] = []
+        for candidate in sorted(self._models.values(), key=lambda m: m.last_used):
+            if free >= need:
+                break
+            victims.append(candidate)
+            free += candidate.nbytes
+        if free < need:
+            raise ModelNotReadyError(  # not remembered as a failure: retrying is the answer
+                version.model,
+                str(version.version),
+                "does not fit the memory budget while other models are loading; retry",
+            )
+        for victim in victims:
+            self._detach((victim.name, victim.version.version))
+        self._reserved += need
+        return victims
 
     async def unload(self, model: str) -> int:
-        """Unload every version of a model; in-flight requests finish first. Returns count."""
+        """Unload every version of a model; in-flight requests finish first. Returns how
+        many versions were loaded."""
         await self._settle_loads(model)
-        victims = [m for m in self._models.values() if m.name == model]
-        for victim in victims:
-            await self._drop(victim, "unload request")
-        for key in [k for k in self._refs if k[0] == model]:
-            del self._refs[key]
-        return len(victims)
+        keys = [key for key in self._models if key[0] == model]
+        await self._drop(keys, "unload request")
+        for ref in [r for r in self._refs if r[0] == model]:
+            del self._refs[ref]
+        return len(keys)
 
     async def _settle_loads(self, model: str | None = None) -> None:
         """Wait for loads in progress (of one model, or all), whatever their outcome, so that
@@ -389,22 +406,39 @@ class ModelCache:
             with contextlib.suppress(Exception):
                 await asyncio.shield(task)
 
-    async def _drop(self, loaded: LoadedModel, why: str) -> None:
-        key = (loaded.name, loaded.version.version)
-        self._models.pop(key, None)
-        # Forget refs that point here: the alias refresher must not reload an evicted model.
+    def _detach(self, key: Key) -> LoadedModel | None:
+        """Take a loaded model out of service at once: no new request reaches it, and the
+        refs that pointed at it are forgotten (the alias refresher must not reload it)."""
+        loaded = self._models.pop(key, None)
         for ref in [r for r, number in self._refs.items() if (r[0], number) == key]:
             del self._refs[ref]
+        return loaded
+
+    async def _drop(self, keys: list[Key], why: str) -> None:
+        """Detach these loaded models together, then release them one after the other."""
+        detached = [loaded for loaded in map(self._detach, keys) if loaded is not None]
+        while detached:
+            await self._release(detached.pop(), why)  # popped: the list keeps no weights
+
+    async def _release(self, loaded: LoadedModel, why: str) -> None:
+        """Let a detached model's queued and in-flight requests finish, then let go of it.
+
+        Callers pass the model without keeping a reference, so its weights are freed by
+        reference counting when this frame lets go. No `gc.collect()`: a full collection
+        holds the GIL (the event loop with it, whichever thread runs it) for 100 ms and
+        more on a server's heap, and nothing of ours keeps a model in a reference cycle
+        (tested: the module is gone when unload returns, with the collector disabled).
+        """
+        key = (loaded.name, loaded.version.version)
         try:
             await loaded.batcher.stop(drain=True)
         finally:
             self.ledger.retire(key, loaded.batcher)  # also lets go of the batcher (and weights)
         logger.info("unloaded %s:%d (%d bytes): %s", *key, loaded.nbytes, why)
-        device = loaded.device
+        on_cuda = loaded.device.type == "cuda"
         del loaded
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        if on_cuda:
+            torch.cuda.empty_cache()  # the freed blocks back to the driver, for other processes
         await self._notify(key[0])
 
     async def _notify(self, name: str) -> None:
@@ -448,9 +482,7 @@ class ModelCache:
             self._refs[(model, ref)] = version.version
             logger.info("%s: %s moved from version %d to %d", model, mover, number, version.version)
             if (model, number) not in {(m, n) for (m, _), n in self._refs.items()}:
-                old = self._models.get((model, number))
-                if old is not None:
-                    await self._drop(old, f"{mover} moved to version {version.version}")
+                await self._drop([(model, number)], f"{mover} moved to version {version.version}")
 
     async def close(self) -> None:
         """Stop refreshing and unload everything (in-flight requests finish)."""
@@ -459,8 +491,7 @@ class ModelCache:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
         await self._settle_loads()
-        for loaded in list(self._models.values()):
-            await self._drop(loaded, "server stopping")
+        await self._drop(list(self._models), "server stopping")
 
 
 def _zeros(module_class: ModuleClass, rows: int) -> dict[str, torch.Tensor]:

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import gc
+import json
+import subprocess
+import sys
 import threading
 import time
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import psutil
@@ -12,12 +18,16 @@ import pytest
 import torch
 
 from moduleserve.client.client import ModelClient
-from moduleserve.client.errors import UnavailableError
+from moduleserve.client.errors import (
+    FailedPreconditionError,
+    UnavailableError,
+)
 from moduleserve.registry.api import Registry
 from moduleserve.registry.classes import parse_input_spec
+from moduleserve.registry.demo.models import MyNet
 from moduleserve.server.engine.batcher import DynamicBatcher
 from tests.helpers import ServerThread, server_settings
-from tests.models import Wide
+from tests.models import GATES, DropsLastRow, Gate, Gated, Wide, gate
 
 
 def start(registry: Registry, **overrides: object) -> ServerThread:
@@ -30,6 +40,10 @@ def loaded(server: ServerThread) -> list[str]:
     return sorted(f"{m.name}:{m.version.version}" for m in server.app.cache.loaded())
 
 
+def sizes_of(registry: Registry, *models: str) -> dict[str, int]:
+    return {m: registry.checkpoints.resolve(m).size for m in models}
+
+
 def test_lazy_load_then_explicit_unload(served_inproc: ServerThread) -> None:
     with ModelClient(served_inproc.target) as client:
         assert loaded(served_inproc) == []
@@ -40,6 +54,10 @@ def test_lazy_load_then_explicit_unload(served_inproc: ServerThread) -> None:
         client.unload("mynet")
         assert loaded(served_inproc) == [] and not client.ready("mynet")
         assert client.health("mynet") == "NOT_SERVING"
+
+
+MLP_INPUT = np.zeros(784, np.float32)
+IMAGE = np.zeros((3, 8, 8), np.float32)  # mynet's and nested's input
 
 
 def test_least_recently_used_model_is_evicted_beyond_the_budget(
@@ -95,6 +113,16 @@ def rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+def released(ref: weakref.ref[Any], what: str) -> None:
+    """Wait until nothing holds `ref`'s object: a worker thread may drop its last frame a
+    moment after the call that used it returned. An object in a reference cycle, with the
+    collector disabled, is never released, and fails here."""
+    give_up = time.monotonic() + 10
+    while ref() is not None:
+        assert time.monotonic() < give_up, f"{what} is still held 10 s after it was unloaded"
+        time.sleep(0.001)
+
+
 def test_loading_holds_one_copy_and_unloading_frees_it(demo_registry: Registry) -> None:
     demo_registry.classes.register(
         "Wide",
@@ -123,7 +151,9 @@ def test_loading_holds_one_copy_and_unloading_frees_it(demo_registry: Registry) 
             sampling.set()
             sampler.join()
             after_load = rss()
+            module = weakref.ref(server.app.cache.peek("wide").module)  # type: ignore[union-attr]
             client.unload("wide")
+            released(module, "the unloaded model")
             after_unload = rss()
     finally:
         server.stop()
@@ -133,8 +163,8 @@ def test_loading_holds_one_copy_and_unloading_frees_it(demo_registry: Registry) 
 
 
 def test_unload_waits_for_requests_in_flight(demo_registry: Registry) -> None:
-    # The forward pass (1 s) must outlast an unload's own work (a full GC: ~0.2 s), or an
-    # unload that did not wait would still find the request done.
+    # The forward pass (1 s) must outlast an unload's own work, or an unload that did not
+    # wait would still find the request done.
     demo_registry.classes.register(
         "Slow", "tests.models:SlowNet", {"delay_s": 1.0}, [parse_input_spec("x:float32:-1,2")]
     )
@@ -242,3 +272,214 @@ def test_unload_during_a_load_is_not_undone_when_the_load_finishes(
             assert not client.ready("slow")
     finally:
         server.stop()
+
+
+# -- an eviction drains with nothing held -------------------------------------------------------
+
+
+def register_gated(registry: Registry, model: str, gate_name: str, features: int = 64) -> None:
+    """A `Gated` model of a class of its own (whose kwargs name its gate)."""
+    class_name = f"Gated{model.capitalize()}"
+    registry.classes.register(
+        class_name,
+        "tests.models:Gated",
+        {"gate": gate_name, "features": features},
+        [parse_input_spec(f"x:float32:-1,{features}")],
+    )
+    registry.push(model, Gated(gate_name, features).state_dict(), class_name=class_name)
+
+
+def fresh_gate(name: str) -> Gate:
+    """A fresh, closed gate of that name."""
+    GATES.pop(name, None)
+    return gate(name)
+
+
+def test_loads_are_admitted_while_an_evicted_model_drains(demo_registry: Registry) -> None:
+    # Admission (choosing victims, promising room, refusing) holds nothing across a drain. A
+    # load's warm-up still waits for the device's compute thread, which the held request
+    # occupies here: what this shows is a refusal answered at once, not after the drain.
+    register_gated(demo_registry, "held", "evicted")
+    register_gated(demo_registry, "big", "never")
+    register_gated(demo_registry, "big2", "never")
+    sizes = sizes_of(demo_registry, "held", "big")
+    budget_mb = (sizes["held"] + sizes["big"] // 2) / 2**20  # room for one of them
+    held = fresh_gate("evicted")
+    server = start(demo_registry, compute="thread", memory_budget_mb=budget_mb)
+    answers: list[np.ndarray] = []
+    x = np.arange(1, 65, dtype=np.float32)
+    try:
+        with ModelClient(server.target) as client, ModelClient(server.target, timeout=10) as quick:
+            request = threading.Thread(target=lambda: answers.append(client.infer("held", x)))
+            request.start()
+            assert held.entered.wait(10), "the request never reached the model"
+            loading = threading.Thread(target=client.load, args=("big",))
+            loading.start()  # evicts held, whose request is still computing
+            until(lambda: "held:1" not in loaded(server))
+            # The room held leaves is promised to big while held drains: a lazy load that
+            # needs it is told at once to retry.
+            with pytest.raises(UnavailableError, match="while other models are loading; retry"):
+                quick.infer("big2", np.zeros(64, np.float32))
+            assert request.is_alive() and loading.is_alive()  # still draining
+            held.release.set()
+            loading.join(timeout=30)
+            request.join(timeout=30)
+            assert loaded(server) == ["big:1"]
+    finally:
+        held.release.set()
+        server.stop()
+    assert len(answers) == 1 and answers[0].tolist() == x.tolist()  # answered by held
+
+
+def until(condition: Callable[[], bool], seconds: float = 10) -> None:
+    """Wait until `condition()` holds (the server works on its own thread)."""
+    give_up = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < give_up, "the server never got there"
+        time.sleep(0.001)
+
+
+# -- unloading frees the weights without a garbage collection on the event loop ----------------
+
+
+@pytest.fixture
+def no_automatic_gc() -> Iterator[None]:
+    """The cyclic collector off: only reference counting frees anything, and no collection
+    that some allocation triggers stalls the event loop at a random moment."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def module_of(server: ServerThread, model: str) -> weakref.ref[Any]:
+    found = server.app.cache.peek(model)
+    assert found is not None, f"{model} is not loaded"
+    return weakref.ref(found.module)
+
+
+def test_unloaded_evicted_and_replaced_models_are_freed_without_a_collection(
+    demo_registry: Registry, no_automatic_gc: None
+) -> None:
+    demo_registry.classes.register(
+        "DropsLastRow", "tests.models:DropsLastRow", {}, [parse_input_spec("x:float32:-1,2")]
+    )
+    demo_registry.push("droplast", DropsLastRow().state_dict(), class_name="DropsLastRow")
+    torch.manual_seed(7)
+    demo_registry.push("mynet", MyNet().state_dict())  # version 2; production stays at 1
+    sizes = sizes_of(demo_registry, "mlp", "nested", "mynet")
+    # Room for all of them and half a mynet more: moving mynet's alias evicts nested.
+    budget_mb = (sizes["mlp"] + sizes["nested"] + 3 * sizes["mynet"] // 2 + 1000) / 2**20
+    server = start(demo_registry, memory_budget_mb=budget_mb, alias_refresh_s=3600)
+    try:
+        with ModelClient(server.target) as client:
+            client.infer("nested", IMAGE)  # lazily, the least recently used from here on
+            client.load("mlp")
+            client.infer("mlp", MLP_INPUT)
+            client.infer("mynet", IMAGE)  # version 1, by the default alias
+            with pytest.raises(FailedPreconditionError):  # its compute raised, with a traceback
+                client.infer("droplast", np.zeros((3, 2), np.float32))
+            nested, mlp = module_of(server, "nested"), module_of(server, "mlp")
+            mynet, droplast = module_of(server, "mynet"), module_of(server, "droplast")
+
+            demo_registry.checkpoints.set_alias("mynet", "production", 2)
+            server.run(server.app.cache.refresh_aliases())
+            assert loaded(server) == ["droplast:1", "mlp:1", "mynet:2"]
+            released(mynet, "the version the alias moved away from")
+            released(nested, "the evicted model")
+            client.unload("mlp")
+            released(mlp, "the unloaded model")
+            client.unload("droplast")
+            released(droplast, "the model whose batch failed")
+    finally:
+        server.stop()
+
+
+PROBE = r"""
+import json, sys, threading, time
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+probes = []
+with grpc.insecure_channel(sys.argv[1]) as channel:
+    check = health_pb2_grpc.HealthStub(channel).Check
+    check(health_pb2.HealthCheckRequest(), timeout=30)
+    print("ready", flush=True)
+    while not stop.is_set():
+        started = time.monotonic()
+        check(health_pb2.HealthCheckRequest(), timeout=30)
+        probes.append((started, time.monotonic() - started))
+        time.sleep(0.002)
+print(json.dumps(probes), flush=True)
+"""
+
+
+def slow_collection(at_least_s: float = 0.2) -> tuple[list[object], float]:
+    """Objects enough that one full collection takes `at_least_s` here (a server's big
+    heap), and the time it took."""
+    ballast: list[object] = []
+    while True:
+        started = time.perf_counter()
+        gc.collect()
+        took = time.perf_counter() - started
+        if took >= at_least_s or len(ballast) >= 3_000_000:
+            return ballast, took
+        ballast.extend([] for _ in range(500_000))
+
+
+def test_health_answers_within_50_ms_while_a_model_unloads(
+    demo_registry: Registry, no_automatic_gc: None
+) -> None:
+    register_gated(demo_registry, "held", "unloading", features=2)
+    held = fresh_gate("unloading")
+    ballast, collection_s = slow_collection()
+    server = start(demo_registry, compute="thread")
+    answers: list[np.ndarray] = []
+    probe: subprocess.Popen[str] | None = None
+    try:
+        with ModelClient(server.target) as client:
+            client.load("held")
+            x = np.array([1.0, 2.0], np.float32)
+            request = threading.Thread(target=lambda: answers.append(client.infer("held", x)))
+            request.start()
+            assert held.entered.wait(10), "the request never reached the model"
+            # The health checker runs in a process of its own, as a kubelet's would.
+            probe = subprocess.Popen(
+                [sys.executable, "-c", PROBE, server.target],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert probe.stdout is not None and probe.stdin is not None
+            assert probe.stdout.readline() == "ready\n"
+            unloading = threading.Thread(target=client.unload, args=("held",))
+            began = time.monotonic()
+            unloading.start()
+            until(lambda: "held:1" not in loaded(server))
+            time.sleep(0.1)  # probes go on while the unload waits for the held request
+            held.release.set()
+            unloading.join(timeout=30)
+            ended = time.monotonic()
+            request.join(timeout=30)
+            time.sleep(0.05)  # and just after
+            probe.stdin.close()
+            probes = json.loads(probe.stdout.read())
+            assert probe.wait(30) == 0
+    finally:
+        held.release.set()
+        if probe is not None and probe.poll() is None:
+            probe.kill()
+        server.stop()
+        del ballast
+    assert not unloading.is_alive() and loaded(server) == []
+    assert len(answers) == 1 and answers[0].tolist() == x.tolist()  # drained, not dropped
+    during = [seconds for at, seconds in probes if at <= ended and at + seconds >= began]
+    assert len(during) >= 10, f"only {len(during)} health checks while the model unloaded"
+    slowest = max(during)
+    assert slowest < 0.05, (
+        f"a health check took {slowest * 1000:.0f} ms while a model unloaded "
+        f"(one full collection takes {collection_s * 1000:.0f} ms here)"
+    )
