@@ -32,6 +32,7 @@ STATUS_FOR: dict[type[BaseException], grpc.StatusCode] = {
     registry_errors.IntegrityError: grpc.StatusCode.DATA_LOSS,
     registry_errors.RegistryUnavailableError: grpc.StatusCode.UNAVAILABLE,
     server_errors.QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    server_errors.MemoryBudgetFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     server_errors.DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
     server_errors.ModelLoadingError: grpc.StatusCode.UNAVAILABLE,
     server_errors.CheckpointMismatchError: grpc.StatusCode.FAILED_PRECONDITION,

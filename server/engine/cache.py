@@ -33,6 +33,7 @@ from moduleserve.server.engine.devices import (
 from moduleserve.server.engine.load_errors import SEE_LOG, LoadFailure, load_error
 from moduleserve.server.engine.plan import InputPlan
 from moduleserve.server.errors import (
+    MemoryBudgetFullError,
     ModelLoadingError,
     ModelNotReadyError,
     ModelOutputError,
@@ -61,6 +62,9 @@ class LoadedModel:
     plan: InputPlan  # the specs, parsed once: what each request is checked against
     compute: ComputeMode = "thread"  # where its forward passes run
     forward_ms: float | None = None  # measured at load at max_batch_size rows (compute=auto)
+    # Loaded explicitly (--load, --load-all, RepositoryModelLoad): no load evicts it, only an
+    # unload removes it. Lazily loaded models are the ones evicted to make room.
+    pinned: bool = False
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
 
@@ -121,6 +125,8 @@ class ModelCache:
             loaded = await self._ensure_loaded(version)
             self._refs[(model, ref)] = version.version
         loaded.last_used = time.monotonic()
+        if explicit:
+            loaded.pinned = True
         return loaded
 
     def _in_use(self, model: str, ref: str) -> LoadedModel | None:
@@ -174,7 +180,8 @@ class ModelCache:
     # -- loading and unloading -------------------------------------------------------------
 
     async def load(self, model: str, ref: str = "") -> LoadedModel:
-        """Explicit load (RepositoryModelLoad, --load): loads whatever `lazy_load` says."""
+        """Explicit load (RepositoryModelLoad, --load, --load-all): loads whatever `lazy_load`
+        says, and pins the version (no load evicts it; only an unload removes it)."""
         return await self._get(model, ref, explicit=True)
 
     async def _ensure_loaded(self, version: Version, why: str = "") -> LoadedModel:
@@ -355,7 +362,7 @@ class ModelCache:
 
     def _reserve(self, version: Version) -> list[LoadedModel]:
         """Promise `version` the budget room it needs, taking it from the least recently used
-        models; returns those, detached, for the caller to release.
+        lazily loaded models; returns those, detached, for the caller to release.
 
         Synchronous on purpose: with no await between choosing victims and promising the
         room, concurrent loads each see the others' promises (`_reserved`) and never share
@@ -372,12 +379,24 @@ class ModelCache:
             )
         free = self._budget - self._reserved - sum(m.nbytes for m in self._models.values())
         victims: list[LoadedModel] = []
-        for candidate in sorted(self._models.values(), key=lambda m: m.last_used):
+        lazy = sorted((m for m in self._models.values() if not m.pinned), key=lambda m: m.last_used)
+        for candidate in lazy:
             if free >= need:
                 break
             victims.append(candidate)
             free += candidate.nbytes
         if free < need:
+            pinned = [m for m in self._models.values() if m.pinned]
+            held = sum(m.nbytes for m in pinned)
+            if held + need > self._budget:
+                raise MemoryBudgetFullError(
+                    version.model,
+                    str(version.version),
+                    need,
+                    self._budget,
+                    held,
+                    [f"{m.name}:{m.version.version}" for m in pinned],
+                )
             raise ModelNotReadyError(  # not remembered as a failure: retrying is the answer
                 version.model,
                 str(version.version),
@@ -389,8 +408,8 @@ class ModelCache:
         return victims
 
     async def unload(self, model: str) -> int:
-        """Unload every version of a model; in-flight requests finish first. Returns how
-        many versions were loaded."""
+        """Unload every version of a model (which unpins it); in-flight requests finish
+        first. Returns how many versions were loaded."""
         await self._settle_loads(model)
         keys = [key for key in self._models if key[0] == model]
         await self._drop(keys, "unload request")
@@ -463,7 +482,8 @@ class ModelCache:
         """Re-resolve alias and default refs; load a moved target, then swap it in.
 
         Requests keep going to the old version until the new one is warm, and the
-        old one is unloaded only after its in-flight requests finish (drain).
+        old one is unloaded only after its in-flight requests finish (drain); the new
+        version is pinned when the old one was.
         """
         for (model, ref), number in list(self._refs.items()):
             if isinstance(parse_ref(ref), int):
@@ -472,13 +492,20 @@ class ModelCache:
                 version = await asyncio.to_thread(self.registry.checkpoints.resolve, model, ref)
                 if version.version == number or (model, number) not in self._models:
                     continue
+                # No local name for the old version: the swap below unloads it, and its
+                # weights go when the cache lets go of it.
+                pinned = self._models[(model, number)].pinned
                 mover = _mover(ref, version, self.registry.checkpoints.default_alias)
-                await self._ensure_loaded(version, f"{mover} moves here from version {number}")
+                new = await self._ensure_loaded(
+                    version, f"{mover} moves here from version {number}"
+                )
             except Exception as exc:  # one model's trouble must not stop the others' refresh
                 logger.warning(
                     "keeping %s:%s at version %d: %s", model, ref or "default", number, exc
                 )
                 continue
+            new.pinned = new.pinned or pinned
+            del new
             self._refs[(model, ref)] = version.version
             logger.info("%s: %s moved from version %d to %d", model, mover, number, version.version)
             if (model, number) not in {(m, n) for (m, _), n in self._refs.items()}:

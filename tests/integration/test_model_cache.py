@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -20,12 +22,15 @@ import torch
 from moduleserve.client.client import ModelClient
 from moduleserve.client.errors import (
     FailedPreconditionError,
+    ResourceExhaustedError,
     UnavailableError,
 )
 from moduleserve.registry.api import Registry
 from moduleserve.registry.classes import parse_input_spec
 from moduleserve.registry.demo.models import MyNet
+from moduleserve.server.app import App
 from moduleserve.server.engine.batcher import DynamicBatcher
+from moduleserve.server.startup import StartupLoadError
 from tests.helpers import ServerThread, server_settings
 from tests.models import GATES, DropsLastRow, Gate, Gated, Wide, gate
 
@@ -68,10 +73,10 @@ def test_least_recently_used_model_is_evicted_beyond_the_budget(
     server = start(demo_registry, memory_budget_mb=budget_mb)
     try:
         with ModelClient(server.target) as client:
-            client.load("mlp")
-            client.load("nested")
-            client.infer("mlp", np.zeros(784, np.float32))  # mlp is now the most recent
-            client.load("mynet")  # does not fit: the least recently used (nested) goes
+            client.infer("mlp", MLP_INPUT)  # loaded lazily, as every model here
+            client.infer("nested", IMAGE)
+            client.infer("mlp", MLP_INPUT)  # mlp is now the most recent
+            client.infer("mynet", IMAGE)  # does not fit: the least recently used (nested) goes
             assert loaded(server) == ["mlp:1", "mynet:1"]
     finally:
         server.stop()
@@ -240,7 +245,7 @@ def test_a_failed_load_is_remembered_and_evicts_nothing_again(demo_registry: Reg
         with ModelClient(server.target) as client:
             with pytest.raises(UnavailableError, match="warm-up"):
                 client.load("broken")
-            client.load("mynet")
+            client.infer("mynet", IMAGE)  # lazily loaded: a load may evict it
             for _ in range(3):
                 with pytest.raises(UnavailableError, match="warm-up"):
                     client.load("broken")  # the remembered failure, without evicting mynet
@@ -272,6 +277,106 @@ def test_unload_during_a_load_is_not_undone_when_the_load_finishes(
             assert not client.ready("slow")
     finally:
         server.stop()
+
+
+# -- explicit loads are pinned -----------------------------------------------------------------
+
+PINNED_OUT = (
+    r"model '{model}' version {version} needs [\d.]+ MiB, but models loaded explicitly "
+    r"\({pinned}\) hold [\d.]+ MiB of the [\d.]+ MiB memory budget; unload one of them or "
+    r"raise --memory-budget-mb"
+)
+
+
+def test_a_lazy_load_never_evicts_a_model_loaded_at_start(demo_registry: Registry) -> None:
+    sizes = sizes_of(demo_registry, "mlp", "nested")
+    budget_mb = (sizes["mlp"] + sizes["nested"] // 2) / 2**20  # mlp, and half of nested
+    server = start(demo_registry, load=["mlp"], memory_budget_mb=budget_mb)
+    try:
+        with ModelClient(server.target) as client:
+            pattern = PINNED_OUT.format(model="nested", version=1, pinned="mlp:1")
+            with pytest.raises(ResourceExhaustedError, match=pattern):
+                client.infer("nested", IMAGE)
+            assert loaded(server) == ["mlp:1"]
+            assert client.health() == "SERVING"
+            assert client.infer("doubler", np.array([1.0], np.float32)).tolist() == [3.0]
+            assert loaded(server) == ["doubler:1", "mlp:1"]  # the room mlp leaves is used
+    finally:
+        server.stop()
+
+
+def test_an_explicit_load_evicts_only_lazily_loaded_models_and_an_unload_unpins(
+    demo_registry: Registry,
+) -> None:
+    sizes = sizes_of(demo_registry, "mlp", "nested")
+    budget_mb = (sizes["mlp"] + sizes["nested"] // 2) / 2**20
+    server = start(demo_registry, memory_budget_mb=budget_mb)
+    try:
+        with ModelClient(server.target) as client:
+            client.infer("nested", IMAGE)  # loaded lazily
+            client.load("mlp")  # explicitly: takes the room of the lazily loaded nested
+            assert loaded(server) == ["mlp:1"]
+            pattern = PINNED_OUT.format(model="nested", version=1, pinned="mlp:1")
+            with pytest.raises(ResourceExhaustedError, match=pattern):
+                client.load("nested")  # an explicit load evicts no pinned model either
+            client.unload("mlp")
+            client.infer("mlp", MLP_INPUT)  # loaded again, lazily: no longer pinned
+            client.infer("nested", IMAGE)  # so this lazy load may evict it
+            assert loaded(server) == ["nested:1"]
+    finally:
+        server.stop()
+
+
+def test_a_pinned_version_stays_pinned_when_its_alias_moves(demo_registry: Registry) -> None:
+    torch.manual_seed(7)
+    demo_registry.push("mynet", MyNet().state_dict())  # version 2; production stays at 1
+    demo_registry.classes.register(
+        "Wide100", "tests.models:Wide", {"features": 100, "layers": 1},
+        [parse_input_spec("x:float32:-1,100")],
+    )  # fmt: skip
+    demo_registry.push("wide", Wide(100, 1).state_dict(), class_name="Wide100")
+    sizes = sizes_of(demo_registry, "mynet", "wide")
+    # Room for both versions of mynet during the move, not for wide beside one of them.
+    budget = 2 * sizes["mynet"] + 1000
+    assert budget < sizes["mynet"] + sizes["wide"]
+    server = start(demo_registry, memory_budget_mb=budget / 2**20, alias_refresh_s=3600)
+    try:
+        with ModelClient(server.target) as client:
+            client.load("mynet")  # production: version 1, pinned
+            demo_registry.checkpoints.set_alias("mynet", "production", 2)
+            server.run(server.app.cache.refresh_aliases())
+            assert loaded(server) == ["mynet:2"]
+            pattern = PINNED_OUT.format(model="wide", version=1, pinned="mynet:2")
+            with pytest.raises(ResourceExhaustedError, match=pattern):
+                client.infer("wide", np.zeros(100, np.float32))
+            assert loaded(server) == ["mynet:2"]
+    finally:
+        server.stop()
+
+
+def test_load_all_beyond_the_budget_fails_the_start_instead_of_evicting(
+    demo_registry: Registry,
+) -> None:
+    sizes = sizes_of(demo_registry, "mlp", "nested")
+    settings = server_settings(
+        demo_registry.settings.database_url(),
+        demo_registry.settings.store,
+        load_all=True,
+        memory_budget_mb=(sizes["mlp"] + sizes["nested"] // 2) / 2**20,
+    )
+
+    async def start_fails() -> str:
+        app = App(settings)  # type: ignore[arg-type]
+        with pytest.raises(StartupLoadError) as err:
+            await app.start()  # which stops whatever it started before it raises
+        return str(err.value)
+
+    # Loaded in name order (doubler, mlp, mynet, nested): mynet no longer fits beside mlp.
+    assert re.fullmatch(
+        "cannot load 'mynet' at start: "
+        + PINNED_OUT.format(model="mynet", version=1, pinned="doubler:1, mlp:1"),
+        asyncio.run(start_fails()),
+    )
 
 
 # -- an eviction drains with nothing held -------------------------------------------------------
