@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+import traceback
+from collections.abc import Awaitable, Callable, Hashable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -15,7 +16,7 @@ from torch import nn
 
 from moduleserve.registry.api import Registry
 from moduleserve.registry.entities import ModuleClass, Version
-from moduleserve.registry.errors import IntegrityError, RegistryUnavailableError
+from moduleserve.registry.errors import IntegrityError, RegistryError, RegistryUnavailableError
 from moduleserve.registry.formats import parse_dtype
 from moduleserve.registry.names import parse_ref
 from moduleserve.server.config import BatchingSettings, ServerSettings
@@ -37,6 +38,7 @@ from moduleserve.server.errors import (
     ModelLoadingError,
     ModelNotReadyError,
     ModelOutputError,
+    ServerError,
 )
 
 logger = logging.getLogger(__name__)
@@ -92,6 +94,9 @@ class ModelCache:
         self._reserved = 0  # bytes promised to loads in progress
         self._failed: dict[Key, LoadFailure] = {}
         self._refresher: asyncio.Task[None] | None = None
+        # Per ref (("", "") for the refresh as a whole): the trouble its alias refresh last
+        # logged, so that a lasting condition is logged once, not every refresh.
+        self._troubles: dict[tuple[str, str], Hashable] = {}
         # Per-version counters for /metrics, kept across unloads and alias swaps.
         self.ledger: StatsLedger[Key] = StatsLedger()
 
@@ -475,22 +480,30 @@ class ModelCache:
             await asyncio.sleep(self.settings.alias_refresh_s)
             try:
                 await self.refresh_aliases()
-            except Exception:  # a registry hiccup must not stop future refreshes
-                logger.exception("alias refresh failed")
+            except Exception as exc:  # a bug: logged once, and the refreshes go on
+                self._trouble(("", ""), _bug(exc), "alias refresh failed unexpectedly", exc)
+            else:
+                self._trouble_over(("", ""), "alias refresh works again")
 
     async def refresh_aliases(self) -> None:
         """Re-resolve alias and default refs; load a moved target, then swap it in.
 
         Requests keep going to the old version until the new one is warm, and the
         old one is unloaded only after its in-flight requests finish (drain); the new
-        version is pinned when the old one was.
+        version is pinned when the old one was. Trouble with one ref (the registry
+        unreachable, the target gone, a target that does not load) keeps it where it is
+        and is logged once per change of condition, not every refresh.
         """
+        for where in [w for w in self._troubles if w != ("", "") and w not in self._refs]:
+            del self._troubles[where]  # unloaded since: a new trouble there is news again
         for (model, ref), number in list(self._refs.items()):
             if isinstance(parse_ref(ref), int):
                 continue
+            where, keeping = (model, ref), f"keeping {model}:{ref or 'default'} at version {number}"
             try:
                 version = await asyncio.to_thread(self.registry.checkpoints.resolve, model, ref)
                 if version.version == number or (model, number) not in self._models:
+                    self._trouble_over(where, f"{model}:{ref or 'default'} resolves again")
                     continue
                 # No local name for the old version: the swap below unloads it, and its
                 # weights go when the cache lets go of it.
@@ -499,17 +512,41 @@ class ModelCache:
                 new = await self._ensure_loaded(
                     version, f"{mover} moves here from version {number}"
                 )
-            except Exception as exc:  # one model's trouble must not stop the others' refresh
-                logger.warning(
-                    "keeping %s:%s at version %d: %s", model, ref or "default", number, exc
-                )
+            except (RegistryError, ServerError) as exc:  # expected: one sentence says it all
+                self._trouble(where, (type(exc), str(exc)), f"{keeping}: {exc}")
                 continue
+            except Exception as exc:  # one model's trouble must not stop the others' refresh
+                self._trouble(where, _bug(exc), f"{keeping}: its refresh failed unexpectedly", exc)
+                continue
+            self._trouble_over(where, f"{model}:{ref or 'default'} resolves again")
             new.pinned = new.pinned or pinned
             del new
             self._refs[(model, ref)] = version.version
             logger.info("%s: %s moved from version %d to %d", model, mover, number, version.version)
             if (model, number) not in {(m, n) for (m, _), n in self._refs.items()}:
                 await self._drop([(model, number)], f"{mover} moved to version {version.version}")
+
+    def _trouble(
+        self,
+        where: tuple[str, str],
+        condition: Hashable,
+        message: str,
+        exc: BaseException | None = None,
+    ) -> None:
+        """Log a refresh trouble when its condition is new for `where`: an expected one as
+        one line, a bug (`exc`) with its traceback. The same condition again stays quiet."""
+        if self._troubles.get(where) == condition:
+            return
+        self._troubles[where] = condition
+        if exc is None:
+            logger.warning("%s", message)
+        else:
+            logger.error("%s", message, exc_info=exc)
+
+    def _trouble_over(self, where: tuple[str, str], message: str) -> None:
+        """Say once that a logged trouble has passed."""
+        if self._troubles.pop(where, None) is not None:
+            logger.info("%s", message)
 
     async def close(self) -> None:
         """Stop refreshing and unload everything (in-flight requests finish)."""
@@ -531,6 +568,14 @@ def _zeros(module_class: ModuleClass, rows: int) -> dict[str, torch.Tensor]:
         )
         for spec in module_class.inputs
     }
+
+
+def _bug(exc: BaseException) -> Hashable:
+    """What makes an unexpected exception the same bug again: its type and where it was
+    raised (its message may differ every time)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    place = (frames[-1].filename, frames[-1].lineno) if frames else None
+    return (type(exc), place)
 
 
 def _mover(ref: str, version: Version, default_alias: str) -> str:

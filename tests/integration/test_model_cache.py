@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import logging
 import re
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -17,6 +19,7 @@ from typing import Any
 import numpy as np
 import psutil
 import pytest
+import sqlalchemy as sa
 import torch
 
 from moduleserve.client.client import ModelClient
@@ -588,3 +591,92 @@ def test_health_answers_within_50_ms_while_a_model_unloads(
         f"a health check took {slowest * 1000:.0f} ms while a model unloaded "
         f"(one full collection takes {collection_s * 1000:.0f} ms here)"
     )
+
+
+# -- the alias refresher: each trouble once per change of condition, a bug with its traceback ---
+
+CACHE_LOG = "moduleserve.server.engine.cache"
+
+
+def refresh(server: ServerThread, times: int) -> None:
+    for _ in range(times):
+        server.run(server.app.cache.refresh_aliases())
+
+
+def complaints(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """What the cache logged at WARNING or above."""
+    return [r for r in caplog.records if r.name == CACHE_LOG and r.levelno >= logging.WARNING]
+
+
+def sqlite(registry: Registry, statement: str) -> None:
+    """One statement on the registry's SQLite file behind the server's back."""
+    path = sa.make_url(registry.settings.database_url()).database
+    assert path is not None
+    database = sqlite3.connect(path)
+    try:
+        database.execute(statement)
+        database.commit()
+    finally:
+        database.close()
+
+
+def test_an_alias_refresh_trouble_is_logged_once_per_change_of_condition(
+    demo_registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=CACHE_LOG)
+    server = start(demo_registry, alias_refresh_s=3600)  # refreshed by the test alone
+    try:
+        with ModelClient(server.target) as client:
+            client.infer("mynet", IMAGE)  # by its default ref: production, version 1
+        demo_registry.checkpoints.unset_alias("mynet", "production")
+        demo_registry.checkpoints.delete("mynet", 1)  # the default ref resolves to nothing now
+        refresh(server, 3)
+        gone = [r.getMessage() for r in complaints(caplog)]
+        assert len(gone) == 1 and gone[0].startswith("keeping mynet:default at version 1: ")
+
+        sqlite(demo_registry, "ALTER TABLE aliases RENAME TO aliases_away")  # registry broken
+        refresh(server, 3)
+        sqlite(demo_registry, "ALTER TABLE aliases_away RENAME TO aliases")
+        refresh(server, 3)  # back to the first condition: news again, once
+        lines = [r.getMessage() for r in complaints(caplog)]
+        assert len(lines) == 3, lines
+        assert "the registry database is unavailable (no such table: aliases)" in lines[1]
+        assert lines[2] == gone[0]
+        assert all(r.levelno == logging.WARNING and r.exc_info is None for r in complaints(caplog))
+
+        torch.manual_seed(7)
+        demo_registry.push("mynet", MyNet().state_dict())  # version 2, the latest
+        refresh(server, 3)
+        assert len(complaints(caplog)) == 3  # nothing more to complain about
+        assert "mynet:default resolves again" in caplog.messages
+        assert loaded(server) == ["mynet:2"]
+    finally:
+        server.stop()
+
+
+def test_an_unexpected_refresh_failure_is_logged_once_with_its_traceback(
+    demo_registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=CACHE_LOG)
+    demo_registry.push("mlp", demo_registry.state_dict(demo_registry.checkpoints.resolve("mlp")))
+    server = start(demo_registry, alias_refresh_s=3600)
+    try:
+        with ModelClient(server.target) as client:
+            client.infer("mynet", IMAGE)
+            client.infer("mlp", MLP_INPUT)
+        # A row the registry cannot read: resolving mynet raises a bare ValueError, no error
+        # of ours. mlp's alias moves meanwhile.
+        sqlite(demo_registry, "UPDATE versions SET created_at = 'garbage' WHERE id IN "
+               "(SELECT versions.id FROM versions JOIN models ON models.id = model_id "
+               "WHERE models.name = 'mynet')")  # fmt: skip
+        demo_registry.checkpoints.set_alias("mlp", "production", 2)
+        refresh(server, 3)
+        (bug,) = complaints(caplog)
+        assert bug.levelno == logging.ERROR
+        assert bug.getMessage() == (
+            "keeping mynet:default at version 1: its refresh failed unexpectedly"
+        )
+        assert bug.exc_info is not None and bug.exc_info[0] is ValueError  # the traceback
+        assert loaded(server) == ["mlp:2", "mynet:1"]  # the others' refresh went on
+    finally:
+        server.stop()
