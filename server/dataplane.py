@@ -19,7 +19,7 @@ import torch
 
 from moduleserve.registry.api import Registry
 from moduleserve.registry.entities import Model, ModuleClass, Version
-from moduleserve.registry.errors import InvalidInputError
+from moduleserve.registry.errors import InvalidInputError, NotFoundError
 from moduleserve.registry.names import parse_ref
 from moduleserve.server.config import BatchingSettings
 from moduleserve.server.engine.batcher import BatcherStats
@@ -100,29 +100,41 @@ class DataPlane:
         self.ready = False
         """True once the server has started (and loaded what it loads at start)."""
 
-    def model_ready(self, model: str, ref: str = "") -> bool:
-        """Loaded and warmed up; an unknown model is simply not ready (as Triton)."""
-        return self.cache.peek(model, ref) is not None
+    async def model_ready(self, model: str, ref: str = "") -> bool:
+        """Loaded and warmed up, the ref resolved as inference resolves it (an alias, a
+        number, or "" for the default alias else the latest); never loads anything. An
+        unknown model, version or alias is simply not ready (as Triton)."""
+        if not model:
+            return False
+        try:
+            return await self.cache.find(model, ref) is not None
+        except NotFoundError:
+            return False
 
     def server_metadata(self) -> ServerMetadata:
         return ServerMetadata("moduleserve", server_version(), list(EXTENSIONS))
 
     async def model_metadata(self, model: str, ref: str = "") -> ModelMetadata:
         require_name(model)
-        _, module_class = await asyncio.to_thread(self._version_and_class, model, ref)
+        _, module_class, _ = await self._version_and_class(model, ref)
         found = await asyncio.to_thread(self.registry.checkpoints.get_model, model)
         return ModelMetadata(found, module_class)
 
     async def model_config(self, model: str, ref: str = "") -> ModelConfig:
         require_name(model)
-        version, module_class = await asyncio.to_thread(self._version_and_class, model, ref)
-        loaded = self.cache.peek(model, str(version.version))
+        version, module_class, loaded = await self._version_and_class(model, ref)
         return ModelConfig(version, module_class, self.cache.settings.batching_for(model), loaded)
 
-    def _version_and_class(self, model: str, ref: str) -> tuple[Version, ModuleClass]:
-        """Resolve a ref and fetch its class in one worker-thread hop (both hit the database)."""
-        version = self.registry.checkpoints.resolve(model, ref)
-        return version, self.registry.module_class_of(version)
+    async def _version_and_class(
+        self, model: str, ref: str
+    ) -> tuple[Version, ModuleClass, LoadedModel | None]:
+        """The version a ref names (resolved as inference resolves it), its class, and the
+        loaded model when that version is in memory (whose class needs no lookup)."""
+        version = await self.cache.resolve(model, ref)
+        loaded = self.cache.peek(version.model, str(version.version))
+        if loaded is not None:
+            return version, loaded.module_class, loaded
+        return version, await asyncio.to_thread(self.registry.module_class_of, version), None
 
     async def infer(
         self,
@@ -148,17 +160,28 @@ class DataPlane:
         return InferResult(model, loaded.version.version, outputs)
 
     async def statistics(self, model: str = "", ref: str = "") -> list[ModelStats]:
-        """Counters of the loaded versions matching `model` and `ref` (all when empty)."""
-        if ref:
-            parse_ref(ref)  # refuse a malformed version rather than match nothing
-        loaded: list[LoadedModel] = [
-            m
-            for m in self.cache.loaded()
-            if (not model or m.name == model) and (not ref or str(m.version.version) == ref)
-        ]
-        if model and not loaded:  # an unknown model is NOT_FOUND, a known one has no stats
-            await asyncio.to_thread(self.registry.checkpoints.get_model, model)
-        return [ModelStats(m.name, m.version.version, m.batcher.stats()) for m in loaded]
+        """Counters of loaded versions: of every model when `model` is empty, of every
+        version when `ref` is (Triton's statistics extension), else of the version `ref`
+        names, resolved as inference resolves it (an alias, or a number). A named model,
+        version or alias that does not exist is NOT_FOUND; one not in memory has none."""
+        if not ref:
+            loaded = [m for m in self.cache.loaded() if not model or m.name == model]
+            if model and not loaded:  # an unknown model is NOT_FOUND, a known one has no stats
+                await asyncio.to_thread(self.registry.checkpoints.get_model, model)
+            return [ModelStats(m.name, m.version.version, m.batcher.stats()) for m in loaded]
+        parse_ref(ref)  # refuse a malformed version before any lookup
+        found: list[ModelStats] = []
+        for name in [model] if model else sorted({m.name for m in self.cache.loaded()}):
+            try:
+                version = await self.cache.resolve(name, ref)
+            except NotFoundError:
+                if model:
+                    raise
+                continue  # across all models: those without that version or alias have none
+            one = self.cache.peek(version.model, str(version.version))
+            if one is not None:
+                found.append(ModelStats(one.name, one.version.version, one.batcher.stats()))
+        return found
 
     async def index(self, ready_only: bool = False) -> list[IndexEntry]:
         """Every version of every registered model, with its state in this server."""

@@ -101,6 +101,46 @@ class ModelClassNotAllowedError(ModelLoadingError):
     """A version's class lies outside the server's allowed class prefixes."""
 
 
+def _mib(nbytes: int) -> str:
+    """Bytes as MiB with three significant digits: 0.0153 MiB, 4.2 MiB, 4096 MiB."""
+    return f"{nbytes / 2**20:.3g} MiB"
+
+
+class MemoryBudgetFullError(ServerError):
+    """A model does not fit the memory budget beside the models loaded explicitly, which no
+    load evicts: an operator must unload one of them, or give the server a larger budget."""
+
+    def __init__(
+        self,
+        model: str,
+        version: str | None,
+        need: int,
+        budget: int,
+        held: int,
+        pinned: Sequence[str],
+    ) -> None:
+        names = ", ".join(pinned[:5]) + (f" and {len(pinned) - 5} more" if len(pinned) > 5 else "")
+        super().__init__(
+            f"{_model(model, version)} needs {_mib(need)}, but models loaded explicitly "
+            f"({names}) hold {_mib(held)} of the {_mib(budget)} memory budget; unload one "
+            "of them or raise --memory-budget-mb"
+        )
+        self.model, self.version = model, version
+        self.need, self.budget, self.held, self.pinned = need, budget, held, tuple(pinned)
+
+
+class ModelOutputError(ServerError):
+    """A model's forward() returned what its class cannot serve: another number of tensors
+    than it declares, something that is not a tensor, or not one row per input row along
+    dimension 0 (so the batch cannot be split back into requests). The model's code is at
+    fault: no retry helps, and the request was fine."""
+
+    def __init__(self, model: str, version: str | None, class_name: str, reason: str) -> None:
+        quoted = shorten(class_name, QUOTED_CHARS)
+        super().__init__(f"{_model(model, version)}: its class {quoted!r} {reason}")
+        self.model, self.version, self.class_name, self.reason = model, version, class_name, reason
+
+
 class ModelNotReadyError(ServerError):
     """A model is not accepting requests (unloaded, stopping, or never started)."""
 

@@ -6,21 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from moduleserve.registry.entities import ModuleClass
 from moduleserve.server.engine.cache import LoadedModel, ModelCache
-from moduleserve.server.engine.plan import InputPlan
-
-
-def check_inputs(
-    model: str, module_class: ModuleClass, inputs: Mapping[str, torch.Tensor], max_batch_size: int
-) -> int:
-    """Check names, dtypes, shapes and the batch size; return the number of rows."""
-    return InputPlan(model, module_class, max_batch_size).check_slow(inputs)
-
-
-def check_requested(model: str, module_class: ModuleClass, requested: Sequence[str]) -> None:
-    """Every requested output must be one the class declares."""
-    InputPlan(model, module_class, 1).check_requested(requested)
 
 
 async def infer(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -114,3 +116,58 @@ class RowSum(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x).sum(dim=0)
+
+
+class DropsLastRow(nn.Module):
+    """Drops the last output row of a real batch of three rows or more: a model whose
+    outputs break the one-row-per-input-row rule only where no meta-device probe, warm-up
+    (one row) or small request looks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        return y[:-1] if not x.is_meta and x.shape[0] >= 3 else y
+
+
+@dataclass
+class Gate:
+    """Where a test holds a `Gated` model's forward passes: `entered` is set when one waits,
+    and it returns once `release` is set."""
+
+    entered: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+
+
+GATES: dict[str, Gate] = {}
+
+
+def gate(name: str) -> Gate:
+    """The gate of that name (created closed), shared by the test and the server it runs in
+    this process (ServerThread)."""
+    return GATES.setdefault(name, Gate())
+
+
+class Gated(nn.Module):
+    """y = x (features wide), but a real forward pass over a non-zero input waits at its gate
+    until the test opens it: a request held in flight exactly as long as a test needs. The
+    server's warm-up and timed passes send zeros and never wait. Serve it with
+    compute="thread": held inline, it would hold the event loop too."""
+
+    def __init__(self, gate: str = "gate", features: int = 2) -> None:
+        super().__init__()
+        self.gate = gate
+        self.linear = nn.Linear(features, features)
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.eye(features))
+            self.linear.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_meta and bool(x.any()):
+            held = gate(self.gate)
+            held.entered.set()
+            if not held.release.wait(30):
+                raise RuntimeError(f"gate {self.gate!r} was never opened")
+        return self.linear(x)

@@ -35,7 +35,6 @@ import torch
 from moduleserve.registry.errors import InvalidInputError
 from moduleserve.server.errors import (
     DeadlineExceededError,
-    InvalidTensorError,
     ModelNotReadyError,
     QueueFullError,
 )
@@ -43,7 +42,8 @@ from moduleserve.server.errors import (
 logger = logging.getLogger(__name__)
 
 Compute = Callable[[dict[str, torch.Tensor]], Mapping[str, torch.Tensor]]
-"""A forward pass over a batch: named inputs in, named outputs out, dim 0 kept."""
+"""A forward pass over a batch: named inputs in, named outputs out, dim 0 kept (one output
+row per input row: the compute function raises instead of returning anything else)."""
 
 DURATION_BUCKETS_S: Final = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
@@ -64,69 +64,27 @@ def _no_observations() -> list[int]:
     return [0] * (len(_BOUNDS_NS) + 1)
 
 
-def collate(
-    requests: Sequence[Mapping[str, torch.Tensor]],
-) -> tuple[dict[str, torch.Tensor], list[int]]:
-    """Concatenate requests along dim 0; returns the batch and each request's row count.
-
-    A single request passes through without a copy.
-    """
-    if not requests:
-        raise ValueError("collate needs at least one request")
-    sizes = [_leading_size(inputs) for inputs in requests]
-    first = requests[0]
-    if len(requests) == 1:
-        return dict(first), sizes
-    for inputs in requests[1:]:
-        if inputs.keys() != first.keys():
-            raise ValueError(f"requests name different inputs: {sorted(first)} vs {sorted(inputs)}")
-    return {name: torch.cat([inputs[name] for inputs in requests]) for name in first}, sizes
-
-
 def split(
     outputs: Mapping[str, torch.Tensor], sizes: Sequence[int]
 ) -> list[dict[str, torch.Tensor]]:
-    """Split batch outputs along dim 0 into one dict per request (views, not copies)."""
-    total = sum(sizes)
-    for name, tensor in outputs.items():
-        rows = tensor.shape[0] if isinstance(tensor, torch.Tensor) and tensor.dim() else None
-        if rows != total:
-            raise ValueError(
-                f"output {name!r} has {rows} rows for a batch of {total}; "
-                "forward() must return one row per input row along dimension 0"
-            )
+    """Split batch outputs along dim 0 into one dict per request (views, not copies).
+
+    The outputs keep the batch's rows: `Compute` promises it (the model's compute function
+    checks what forward() returned before it gets here)."""
     if len(sizes) == 1:
         return [outputs if type(outputs) is dict else dict(outputs)]
     parts = {name: tensor.split(list(sizes)) for name, tensor in outputs.items()}
     return [{name: parts[name][index] for name in parts} for index in range(len(sizes))]
 
 
-def _leading_size(inputs: Mapping[str, torch.Tensor]) -> int:
-    """Rows along dim 0 of a request (its first tensor speaks for all of them)."""
-    if not inputs:
-        raise ValueError("a request needs at least one input tensor")
-    return next(iter(inputs.values())).shape[0]
-
-
 def signature_of(inputs: Mapping[str, torch.Tensor]) -> tuple[int, Hashable]:
-    """Rows and merge key of a request: names, dtypes and shapes beyond dim 0 must agree."""
-    rows = -1
-    parts = []
-    for name in sorted(inputs) if len(inputs) > 1 else inputs:
-        tensor = inputs[name]
-        shape = tensor.shape
-        if not shape:
-            raise InvalidTensorError(name, "is a scalar; a batched model needs dimension 0")
-        if rows < 0:
-            rows = shape[0]
-        elif shape[0] != rows:
-            raise InvalidTensorError(
-                name, f"has {shape[0]} rows where other inputs have {rows}; dimension 0 must agree"
-            )
-        parts.append((name, tensor.dtype, shape[1:]))
-    if rows < 0:
-        raise InvalidInputError("the request has no input tensors")
-    return rows, tuple(parts)
+    """Rows and merge key of a request `InputPlan` checked (its inputs agree on dimension
+    0): requests merge only when names, dtypes and shapes beyond dimension 0 agree."""
+    if len(inputs) == 1:
+        name, tensor = next(iter(inputs.items()))
+        return tensor.shape[0], ((name, tensor.dtype, tensor.shape[1:]),)
+    parts = tuple((name, inputs[name].dtype, inputs[name].shape[1:]) for name in sorted(inputs))
+    return next(iter(inputs.values())).shape[0], parts
 
 
 class _Request:
@@ -272,7 +230,7 @@ def _check_options(
 class DynamicBatcher:
     """Batches one model's requests along dim 0 and runs them as one forward pass each.
 
-    Lifecycle is explicit: `start()` on a running loop, then `infer()` from any
+    Lifecycle is explicit: `start()` on a running loop, then `submit()` from any
     coroutine on that loop, then `await stop()`. Priority follows Triton: a
     lower number runs first and 0 means `default_priority_level`. Requests whose
     input names, dtypes or shapes beyond dim 0 differ are never merged. With an
@@ -348,29 +306,6 @@ class DynamicBatcher:
         with contextlib.suppress(Exception):  # the worker logged it; stop() must not fail
             await self._task
 
-    async def infer(
-        self,
-        inputs: Mapping[str, torch.Tensor],
-        *,
-        deadline: float | None = None,
-        priority: int = 0,
-    ) -> dict[str, torch.Tensor]:
-        """Queue one request (one or more rows along dim 0) and return its outputs.
-
-        `deadline` is on `time.monotonic()`; a request still queued when it passes
-        gets `DeadlineExceededError` and is never computed. A full queue raises
-        `QueueFullError` at once; after `stop()`, `ModelNotReadyError`.
-        """
-        if not self._accepting:
-            raise ModelNotReadyError(self.name, reason="is not accepting requests (not running)")
-        rows, signature = signature_of(inputs)
-        if rows > self.max_batch_size:
-            raise InvalidTensorError(
-                next(iter(inputs)),
-                f"has {rows} rows, more than max_batch_size {self.max_batch_size}",
-            )
-        return await self.submit(inputs, rows, signature, deadline=deadline, priority=priority)
-
     async def submit(
         self,
         inputs: Mapping[str, torch.Tensor],
@@ -380,8 +315,14 @@ class DynamicBatcher:
         deadline: float | None = None,
         priority: int = 0,
     ) -> dict[str, torch.Tensor]:
-        """`infer` for a request its caller already checked: `rows` (1 to max_batch_size)
-        and `signature` must be what `signature_of(inputs)` returns."""
+        """Queue one request its caller checked (`InputPlan.check`) and return its outputs.
+
+        `rows` (1 to max_batch_size) and `signature` must be what `InputPlan.check` (or
+        `signature_of`) returns for `inputs`. `deadline` is on `time.monotonic()`; a
+        request still queued when it passes gets `DeadlineExceededError` and is never
+        computed. A full queue raises `QueueFullError` at once; after `stop()`,
+        `ModelNotReadyError`.
+        """
         if not self._accepting:
             raise ModelNotReadyError(self.name, reason="is not accepting requests (not running)")
         if priority < 0:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import time
-from collections.abc import Awaitable, Callable
+import traceback
+from collections.abc import Awaitable, Callable, Hashable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -16,7 +16,7 @@ from torch import nn
 
 from moduleserve.registry.api import Registry
 from moduleserve.registry.entities import ModuleClass, Version
-from moduleserve.registry.errors import IntegrityError, RegistryUnavailableError
+from moduleserve.registry.errors import IntegrityError, RegistryError, RegistryUnavailableError
 from moduleserve.registry.formats import parse_dtype
 from moduleserve.registry.names import parse_ref
 from moduleserve.server.config import BatchingSettings, ServerSettings
@@ -33,7 +33,13 @@ from moduleserve.server.engine.devices import (
 )
 from moduleserve.server.engine.load_errors import SEE_LOG, LoadFailure, load_error
 from moduleserve.server.engine.plan import InputPlan
-from moduleserve.server.errors import ModelLoadingError, ModelNotReadyError
+from moduleserve.server.errors import (
+    MemoryBudgetFullError,
+    ModelLoadingError,
+    ModelNotReadyError,
+    ModelOutputError,
+    ServerError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +64,9 @@ class LoadedModel:
     plan: InputPlan  # the specs, parsed once: what each request is checked against
     compute: ComputeMode = "thread"  # where its forward passes run
     forward_ms: float | None = None  # measured at load at max_batch_size rows (compute=auto)
+    # Loaded explicitly (--load, --load-all, RepositoryModelLoad): no load evicts it, only an
+    # unload removes it. Lazily loaded models are the ones evicted to make room.
+    pinned: bool = False
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
 
@@ -82,42 +91,78 @@ class ModelCache:
         self._models: dict[Key, LoadedModel] = {}
         self._refs: dict[tuple[str, str], int] = {}
         self._loading: dict[Key, asyncio.Task[LoadedModel]] = {}
-        self._budget_lock = asyncio.Lock()
         self._reserved = 0  # bytes promised to loads in progress
         self._failed: dict[Key, LoadFailure] = {}
         self._refresher: asyncio.Task[None] | None = None
+        # Per ref (("", "") for the refresh as a whole): the trouble its alias refresh last
+        # logged, so that a lasting condition is logged once, not every refresh.
+        self._troubles: dict[tuple[str, str], Hashable] = {}
         # Per-version counters for /metrics, kept across unloads and alias swaps.
         self.ledger: StatsLedger[Key] = StatsLedger()
 
     # -- lookups ---------------------------------------------------------------------------
+    #
+    # Every caller resolves a version ref the same way (inference, readiness, metadata,
+    # config, statistics): a ref requests already use keeps the version they run on until
+    # the alias refresher swaps in its new target, warm by then; any other ref is resolved
+    # by the registry (a few indexed queries), and a number needs no lookup to be found in
+    # memory. Readiness never loads anything, and never adds a ref for the refresher to
+    # follow (that would load the alias's next target for a probe).
 
     async def get(self, model: str, ref: str = "") -> LoadedModel:
         """The loaded model for a version ref, loading it on first use if lazy loading is on."""
         return await self._get(model, ref, explicit=False)
 
     async def _get(self, model: str, ref: str, explicit: bool) -> LoadedModel:
-        number = self._refs.get((model, ref))
-        if number is not None:
-            loaded = self._models.get((model, number))
-            if loaded is not None:
-                loaded.last_used = time.monotonic()
-                return loaded
-        version = await asyncio.to_thread(self.registry.checkpoints.resolve, model, ref)
-        key = (version.model, version.version)
-        if not (explicit or self.settings.lazy_load or key in self._models or key in self._loading):
-            raise ModelNotReadyError(
-                model,
-                str(version.version),
-                "is not loaded, and this server loads models only when an operator asks "
-                f"(RepositoryModelLoad: moduleserve load {model})",
-            )
-        loaded = await self._ensure_loaded(version)
-        self._refs[(model, ref)] = version.version
+        loaded = self._in_use(model, ref)
+        if loaded is None:
+            version = await asyncio.to_thread(self.registry.checkpoints.resolve, model, ref)
+            key = (version.model, version.version)
+            if not (
+                explicit or self.settings.lazy_load or key in self._models or key in self._loading
+            ):
+                raise ModelNotReadyError(
+                    model,
+                    str(version.version),
+                    "is not loaded, and this server loads models only when an operator asks "
+                    f"(RepositoryModelLoad: moduleserve load {model})",
+                )
+            loaded = await self._ensure_loaded(version)
+            self._refs[(model, ref)] = version.version
+        loaded.last_used = time.monotonic()
+        if explicit:
+            loaded.pinned = True
         return loaded
 
+    def _in_use(self, model: str, ref: str) -> LoadedModel | None:
+        """The loaded model a ref in use points at: the version its requests run on."""
+        number = self._refs.get((model, ref))
+        return None if number is None else self._models.get((model, number))
+
+    async def resolve(self, model: str, ref: str = "") -> Version:
+        """The version a ref names on this server now, as inference resolves it; never
+        loads. Unknown models, versions and aliases raise the registry's NotFoundError."""
+        loaded = self._in_use(model, ref)
+        if loaded is not None:
+            return loaded.version
+        return await asyncio.to_thread(self.registry.checkpoints.resolve, model, ref)
+
+    async def find(self, model: str, ref: str = "") -> LoadedModel | None:
+        """The loaded model a ref names now (resolved as `resolve` does), or None when that
+        version is not in memory; never loads. A malformed ref raises InvalidInputError."""
+        loaded = self._in_use(model, ref)
+        if loaded is not None:
+            return loaded
+        parsed = parse_ref(ref)
+        if isinstance(parsed, int):  # a number is its own version: no registry lookup
+            return self._models.get((model, parsed))
+        version = await self.resolve(model, ref)
+        return self._models.get((version.model, version.version))
+
     def peek(self, model: str, ref: str = "") -> LoadedModel | None:
-        """The loaded model for a ref if it is in memory now; never loads. A malformed ref
-        raises InvalidInputError."""
+        """The loaded model for a version number (or a ref in use) if it is in memory now;
+        never loads, never waits. For a ref of any kind, `find`. A malformed ref raises
+        InvalidInputError."""
         number = self._refs.get((model, ref))
         if number is None:
             parsed = parse_ref(ref)
@@ -140,7 +185,8 @@ class ModelCache:
     # -- loading and unloading -------------------------------------------------------------
 
     async def load(self, model: str, ref: str = "") -> LoadedModel:
-        """Explicit load (RepositoryModelLoad, --load): loads whatever `lazy_load` says."""
+        """Explicit load (RepositoryModelLoad, --load, --load-all): loads whatever `lazy_load`
+        says, and pins the version (no load evicts it; only an unload removes it)."""
         return await self._get(model, ref, explicit=True)
 
     async def _ensure_loaded(self, version: Version, why: str = "") -> LoadedModel:
@@ -161,8 +207,13 @@ class ModelCache:
     async def _load(self, version: Version, why: str) -> LoadedModel:
         key = (version.model, version.version)
         try:
-            await self._make_room(version)
+            evicted = self._reserve(version)
             try:
+                # Drained with nothing held: other loads are admitted meanwhile (their
+                # warm-ups share the device's compute thread with what the victims still
+                # run). This load builds only once its room is really free.
+                while evicted:
+                    await self._release(evicted.pop(), "evicted to stay within the memory budget")
                 return await self._build_and_start(version, why)
             finally:
                 self._reserved -= version.size
@@ -177,13 +228,7 @@ class ModelCache:
         module_class, module = await self._build_module(version)
         batching = self.settings.batching_for(name)
         half = HALF_TYPES.get(self.settings.dtype)
-        compute = make_compute(
-            module,
-            [s.name for s in module_class.inputs],
-            [s.name for s in module_class.outputs],
-            self.device,
-            half,
-        )
+        compute = make_compute(module, module_class, version, self.device, half)
         executor = self._executors.for_device(self.device)
         await self._warm_up(name, version, module_class, compute, executor)
         forward_s = None
@@ -271,14 +316,16 @@ class ModelCache:
         try:
             await loop.run_in_executor(executor, forward_once, compute, inputs)  # type: ignore[arg-type]
             return
+        except ModelOutputError as exc:  # our own sentence about what forward() returned
+            reason = f"failed its warm-up forward pass: its class {exc.class_name!r} {exc.reason}"
+            logger.warning("%s:%d %s", name, version.version, reason)
         except Exception as exc:  # user code failed on its own declared input spec
             logger.warning(
                 "%s:%d failed its warm-up forward pass", name, version.version, exc_info=exc
             )
-        # User code's text stays in the log: it may quote paths, data or secrets.
-        raise ModelLoadingError(
-            name, str(version.version), f"failed its warm-up forward pass ({SEE_LOG})"
-        )
+            # User code's text stays in the log: it may quote paths, data or secrets.
+            reason = f"failed its warm-up forward pass ({SEE_LOG})"
+        raise ModelLoadingError(name, str(version.version), reason)
 
     async def _time_forward(
         self,
@@ -299,6 +346,15 @@ class ModelCache:
                 compute,  # type: ignore[arg-type]
                 inputs,
             )
+        except ModelOutputError as exc:  # our own sentence says it all: no traceback
+            logger.warning(
+                "%s:%d failed its timed forward pass at %d rows: its class %r %s",
+                name,
+                version.version,
+                rows,
+                exc.class_name,
+                exc.reason,
+            )
         except Exception as exc:  # the warm-up passed at one row: load it, do not guess
             logger.warning(
                 "%s:%d failed its timed forward pass at %d rows",
@@ -307,10 +363,17 @@ class ModelCache:
                 rows,
                 exc_info=exc,
             )
-            return None
+        return None
 
-    async def _make_room(self, version: Version) -> None:
-        """Evict least recently used models until the new checkpoint fits the budget."""
+    def _reserve(self, version: Version) -> list[LoadedModel]:
+        """Promise `version` the budget room it needs, taking it from the least recently used
+        lazily loaded models; returns those, detached, for the caller to release.
+
+        Synchronous on purpose: with no await between choosing victims and promising the
+        room, concurrent loads each see the others' promises (`_reserved`) and never share
+        room, and no lock is held while a victim drains its requests. A victim's memory
+        stays counted through the promise until the caller has released it.
+        """
         need = version.size
         if need > self._budget:
             raise ModelLoadingError(
@@ -319,30 +382,45 @@ class ModelCache:
                 f"needs {need / 2**20:.1f} MiB, more than the memory budget of "
                 f"{self._budget / 2**20:.0f} MiB",
             )
-        async with self._budget_lock:
-            # Loads in progress count too, or two concurrent loads would share the same room.
-            while (
-                sum(m.nbytes for m in self._models.values()) + self._reserved + need > self._budget
-            ):
-                if not self._models:
-                    raise ModelLoadingError(
-                        version.model,
-                        str(version.version),
-                        "does not fit the memory budget while other models are loading; retry",
-                    )
-                victim = min(self._models.values(), key=lambda m: m.last_used)
-                await self._drop(victim, "evicted to stay within the memory budget")
-            self._reserved += need
+        free = self._budget - self._reserved - sum(m.nbytes for m in self._models.values())
+        victims: list[LoadedModel] = []
+        lazy = sorted((m for m in self._models.values() if not m.pinned), key=lambda m: m.last_used)
+        for candidate in lazy:
+            if free >= need:
+                break
+            victims.append(candidate)
+            free += candidate.nbytes
+        if free < need:
+            pinned = [m for m in self._models.values() if m.pinned]
+            held = sum(m.nbytes for m in pinned)
+            if held + need > self._budget:
+                raise MemoryBudgetFullError(
+                    version.model,
+                    str(version.version),
+                    need,
+                    self._budget,
+                    held,
+                    [f"{m.name}:{m.version.version}" for m in pinned],
+                )
+            raise ModelNotReadyError(  # not remembered as a failure: retrying is the answer
+                version.model,
+                str(version.version),
+                "does not fit the memory budget while other models are loading; retry",
+            )
+        for victim in victims:
+            self._detach((victim.name, victim.version.version))
+        self._reserved += need
+        return victims
 
     async def unload(self, model: str) -> int:
-        """Unload every version of a model; in-flight requests finish first. Returns count."""
+        """Unload every version of a model (which unpins it); in-flight requests finish
+        first. Returns how many versions were loaded."""
         await self._settle_loads(model)
-        victims = [m for m in self._models.values() if m.name == model]
-        for victim in victims:
-            await self._drop(victim, "unload request")
-        for key in [k for k in self._refs if k[0] == model]:
-            del self._refs[key]
-        return len(victims)
+        keys = [key for key in self._models if key[0] == model]
+        await self._drop(keys, "unload request")
+        for ref in [r for r in self._refs if r[0] == model]:
+            del self._refs[ref]
+        return len(keys)
 
     async def _settle_loads(self, model: str | None = None) -> None:
         """Wait for loads in progress (of one model, or all), whatever their outcome, so that
@@ -352,22 +430,39 @@ class ModelCache:
             with contextlib.suppress(Exception):
                 await asyncio.shield(task)
 
-    async def _drop(self, loaded: LoadedModel, why: str) -> None:
-        key = (loaded.name, loaded.version.version)
-        self._models.pop(key, None)
-        # Forget refs that point here: the alias refresher must not reload an evicted model.
+    def _detach(self, key: Key) -> LoadedModel | None:
+        """Take a loaded model out of service at once: no new request reaches it, and the
+        refs that pointed at it are forgotten (the alias refresher must not reload it)."""
+        loaded = self._models.pop(key, None)
         for ref in [r for r, number in self._refs.items() if (r[0], number) == key]:
             del self._refs[ref]
+        return loaded
+
+    async def _drop(self, keys: list[Key], why: str) -> None:
+        """Detach these loaded models together, then release them one after the other."""
+        detached = [loaded for loaded in map(self._detach, keys) if loaded is not None]
+        while detached:
+            await self._release(detached.pop(), why)  # popped: the list keeps no weights
+
+    async def _release(self, loaded: LoadedModel, why: str) -> None:
+        """Let a detached model's queued and in-flight requests finish, then let go of it.
+
+        Callers pass the model without keeping a reference, so its weights are freed by
+        reference counting when this frame lets go. No `gc.collect()`: a full collection
+        holds the GIL (the event loop with it, whichever thread runs it) for 100 ms and
+        more on a server's heap, and nothing of ours keeps a model in a reference cycle
+        (tested: the module is gone when unload returns, with the collector disabled).
+        """
+        key = (loaded.name, loaded.version.version)
         try:
             await loaded.batcher.stop(drain=True)
         finally:
             self.ledger.retire(key, loaded.batcher)  # also lets go of the batcher (and weights)
         logger.info("unloaded %s:%d (%d bytes): %s", *key, loaded.nbytes, why)
-        device = loaded.device
+        on_cuda = loaded.device.type == "cuda"
         del loaded
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        if on_cuda:
+            torch.cuda.empty_cache()  # the freed blocks back to the driver, for other processes
         await self._notify(key[0])
 
     async def _notify(self, name: str) -> None:
@@ -385,35 +480,73 @@ class ModelCache:
             await asyncio.sleep(self.settings.alias_refresh_s)
             try:
                 await self.refresh_aliases()
-            except Exception:  # a registry hiccup must not stop future refreshes
-                logger.exception("alias refresh failed")
+            except Exception as exc:  # a bug: logged once, and the refreshes go on
+                self._trouble(("", ""), _bug(exc), "alias refresh failed unexpectedly", exc)
+            else:
+                self._trouble_over(("", ""), "alias refresh works again")
 
     async def refresh_aliases(self) -> None:
         """Re-resolve alias and default refs; load a moved target, then swap it in.
 
         Requests keep going to the old version until the new one is warm, and the
-        old one is unloaded only after its in-flight requests finish (drain).
+        old one is unloaded only after its in-flight requests finish (drain); the new
+        version is pinned when the old one was. Trouble with one ref (the registry
+        unreachable, the target gone, a target that does not load) keeps it where it is
+        and is logged once per change of condition, not every refresh.
         """
+        for where in [w for w in self._troubles if w != ("", "") and w not in self._refs]:
+            del self._troubles[where]  # unloaded since: a new trouble there is news again
         for (model, ref), number in list(self._refs.items()):
             if isinstance(parse_ref(ref), int):
                 continue
+            where, keeping = (model, ref), f"keeping {model}:{ref or 'default'} at version {number}"
             try:
                 version = await asyncio.to_thread(self.registry.checkpoints.resolve, model, ref)
                 if version.version == number or (model, number) not in self._models:
+                    self._trouble_over(where, f"{model}:{ref or 'default'} resolves again")
                     continue
+                # No local name for the old version: the swap below unloads it, and its
+                # weights go when the cache lets go of it.
+                pinned = self._models[(model, number)].pinned
                 mover = _mover(ref, version, self.registry.checkpoints.default_alias)
-                await self._ensure_loaded(version, f"{mover} moves here from version {number}")
-            except Exception as exc:  # one model's trouble must not stop the others' refresh
-                logger.warning(
-                    "keeping %s:%s at version %d: %s", model, ref or "default", number, exc
+                new = await self._ensure_loaded(
+                    version, f"{mover} moves here from version {number}"
                 )
+            except (RegistryError, ServerError) as exc:  # expected: one sentence says it all
+                self._trouble(where, (type(exc), str(exc)), f"{keeping}: {exc}")
                 continue
+            except Exception as exc:  # one model's trouble must not stop the others' refresh
+                self._trouble(where, _bug(exc), f"{keeping}: its refresh failed unexpectedly", exc)
+                continue
+            self._trouble_over(where, f"{model}:{ref or 'default'} resolves again")
+            new.pinned = new.pinned or pinned
+            del new
             self._refs[(model, ref)] = version.version
             logger.info("%s: %s moved from version %d to %d", model, mover, number, version.version)
             if (model, number) not in {(m, n) for (m, _), n in self._refs.items()}:
-                old = self._models.get((model, number))
-                if old is not None:
-                    await self._drop(old, f"{mover} moved to version {version.version}")
+                await self._drop([(model, number)], f"{mover} moved to version {version.version}")
+
+    def _trouble(
+        self,
+        where: tuple[str, str],
+        condition: Hashable,
+        message: str,
+        exc: BaseException | None = None,
+    ) -> None:
+        """Log a refresh trouble when its condition is new for `where`: an expected one as
+        one line, a bug (`exc`) with its traceback. The same condition again stays quiet."""
+        if self._troubles.get(where) == condition:
+            return
+        self._troubles[where] = condition
+        if exc is None:
+            logger.warning("%s", message)
+        else:
+            logger.error("%s", message, exc_info=exc)
+
+    def _trouble_over(self, where: tuple[str, str], message: str) -> None:
+        """Say once that a logged trouble has passed."""
+        if self._troubles.pop(where, None) is not None:
+            logger.info("%s", message)
 
     async def close(self) -> None:
         """Stop refreshing and unload everything (in-flight requests finish)."""
@@ -422,8 +555,7 @@ class ModelCache:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
         await self._settle_loads()
-        for loaded in list(self._models.values()):
-            await self._drop(loaded, "server stopping")
+        await self._drop(list(self._models), "server stopping")
 
 
 def _zeros(module_class: ModuleClass, rows: int) -> dict[str, torch.Tensor]:
@@ -436,6 +568,14 @@ def _zeros(module_class: ModuleClass, rows: int) -> dict[str, torch.Tensor]:
         )
         for spec in module_class.inputs
     }
+
+
+def _bug(exc: BaseException) -> Hashable:
+    """What makes an unexpected exception the same bug again: its type and where it was
+    raised (its message may differ every time)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    place = (frames[-1].filename, frames[-1].lineno) if frames else None
+    return (type(exc), place)
 
 
 def _mover(ref: str, version: Version, default_alias: str) -> str:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import torch
 from torch import nn
+
+from moduleserve.registry.entities import ModuleClass, Version
+from moduleserve.server.errors import ModelOutputError
 
 Compute = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -114,19 +117,25 @@ def forward_once(compute: Compute, inputs: Mapping[str, torch.Tensor]) -> None:
 
 def make_compute(
     module: nn.Module,
-    input_names: Sequence[str],
-    output_names: Sequence[str],
+    module_class: ModuleClass,
+    version: Version,
     device: torch.device,
     half: torch.dtype | None = None,
 ) -> Compute:
     """A function from named CPU input tensors to named CPU outputs, run in eval mode;
     call it under `torch.inference_mode()` (entering it costs each batch a few us).
 
+    What forward() returns is checked against the class's outputs: as many tensors as it
+    declares, each with one row per input row along dimension 0 (the batcher splits them
+    back into requests by rows); anything else raises `ModelOutputError`, naming the class.
+
     On CUDA, inputs go through pinned host memory with non-blocking copies, and
     floating-point inputs are cast to `half` when the model runs in half precision;
     outputs come back as float32 so clients see the declared output types.
     """
     on_cuda = device.type == "cuda"
+    input_names = [spec.name for spec in module_class.inputs]
+    output_names = [spec.name for spec in module_class.outputs]
     module.eval()
 
     def to_device(tensor: torch.Tensor) -> torch.Tensor:
@@ -136,17 +145,38 @@ def make_compute(
             tensor = tensor.to(half)
         return tensor
 
+    def refuse(reason: str) -> ModelOutputError:
+        return ModelOutputError(version.model, str(version.version), module_class.name, reason)
+
     def compute(inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         args = [to_device(inputs[name]) for name in input_names]
         result = module(*args)  # callers hold torch.inference_mode (the batcher, warm_up)
         outputs = result if isinstance(result, tuple | list) else (result,)
         if len(outputs) != len(output_names):
-            raise RuntimeError(
-                f"forward returned {len(outputs)} tensors, the class declares {len(output_names)}"
+            raise refuse(
+                f"returned {_count(len(outputs), 'tensor')} from forward(), but declares "
+                f"{_count(len(output_names), 'output')} ({', '.join(output_names)})"
             )
+        rows = args[0].shape[0]
+        for name, out in zip(output_names, outputs, strict=True):
+            if not isinstance(out, torch.Tensor):
+                raise refuse(f"returned output {name!r} as {type(out).__name__}, not a tensor")
+            got = out.shape[0] if out.dim() else None
+            if got != rows:
+                raise refuse(
+                    f"returned output {name!r} with {_count(got, 'row')} for a batch of {rows}; "
+                    "forward() must return one row per input row along dimension 0"
+                )
         return {name: _to_host(out, half) for name, out in zip(output_names, outputs, strict=True)}
 
     return compute
+
+
+def _count(number: int | None, noun: str) -> str:
+    """'1 row', '2 rows', 'no rows'."""
+    if not number:
+        return f"no {noun}s"
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def _to_host(tensor: torch.Tensor, half: torch.dtype | None) -> torch.Tensor:

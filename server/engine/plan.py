@@ -30,8 +30,8 @@ class _Single:
 class InputPlan:
     """Checks requests against one model's specs; built once per loaded model.
 
-    `check` gives the same answers and error sentences as `check_inputs` followed by
-    the batcher's own checks, without parsing dtype names or walking specs per request.
+    `check` gives the same answers and error sentences as `check_slow` followed by
+    `signature_of`, without parsing dtype names or walking specs per request.
     """
 
     def __init__(self, model: str, module_class: ModuleClass, max_batch_size: int) -> None:

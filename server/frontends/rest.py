@@ -163,7 +163,7 @@ class RestApp:
         return json_reply(server_metadata_json(self.plane.server_metadata()))
 
     async def _model_ready(self, call: Call) -> Reply:
-        ready = self.plane.model_ready(call.model, call.version)
+        ready = await self.plane.model_ready(call.model, call.version)
         return json_reply({"name": call.model, "ready": ready}, 200 if ready else 400)
 
     async def _model_metadata(self, call: Call) -> Reply:

@@ -49,7 +49,8 @@ class InferenceServicer:
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: Context
     ) -> pb.ModelReadyResponse:
-        return pb.ModelReadyResponse(ready=self.plane.model_ready(request.name, request.version))
+        ready = await self.plane.model_ready(request.name, request.version)
+        return pb.ModelReadyResponse(ready=ready)
 
     @map_errors
     async def ServerMetadata(

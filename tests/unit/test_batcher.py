@@ -23,13 +23,12 @@ from moduleserve.server.engine.batcher import (
     DURATION_BUCKETS_S,
     DynamicBatcher,
     StatsLedger,
-    collate,
     duration_bucket,
+    signature_of,
     split,
 )
 from moduleserve.server.errors import (
     DeadlineExceededError,
-    InvalidTensorError,
     ModelNotReadyError,
     QueueFullError,
 )
@@ -91,8 +90,17 @@ def row(value: float) -> dict[str, torch.Tensor]:
     return {"x": torch.tensor([[value]])}
 
 
+async def ask(
+    batcher: DynamicBatcher, inputs: Mapping[str, torch.Tensor], **kw: Any
+) -> dict[str, torch.Tensor]:
+    """One request as the engine sends it: rows and merge key from the checked inputs."""
+    rows, signature = signature_of(inputs)
+    return await batcher.submit(inputs, rows, signature, **kw)
+
+
 def submit(batcher: DynamicBatcher, inputs: Mapping[str, torch.Tensor], **kw: Any) -> asyncio.Task:
-    return asyncio.create_task(batcher.infer(inputs, **kw))
+    """`ask` as a task: queued on the next loop turn, awaited later."""
+    return asyncio.create_task(ask(batcher, inputs, **kw))
 
 
 async def queued(batcher: DynamicBatcher, count: int) -> None:
@@ -108,7 +116,7 @@ async def queued(batcher: DynamicBatcher, count: int) -> None:
 async def test_lone_request_runs_at_once_as_a_batch_of_one() -> None:
     model = GatedModel()
     async with running(model, max_batch_size=8, max_queue_delay_s=10.0) as batcher:
-        result = await asyncio.wait_for(batcher.infer(row(4.0)), TIMEOUT)
+        result = await asyncio.wait_for(ask(batcher, row(4.0)), TIMEOUT)
         assert result["y"].tolist() == [[9.0]]
         stats = batcher.stats()
     assert stats.batch_sizes == {1: 1}
@@ -246,7 +254,7 @@ async def test_full_queue_refuses_at_once() -> None:
         waiting = [submit(batcher, row(v)) for v in (1.0, 2.0)]
         await queued(batcher, 2)
         with pytest.raises(QueueFullError) as err:
-            await batcher.infer(row(3.0))
+            await ask(batcher, row(3.0))
         assert str(err.value) == "model 'm': queue is full (2 requests waiting), retry later"
         model.open()
         await asyncio.wait_for(asyncio.gather(first, *waiting), TIMEOUT)
@@ -279,7 +287,7 @@ async def test_deadline_already_passed_is_refused_at_once() -> None:
     model = GatedModel()
     async with running(model) as batcher:
         with pytest.raises(DeadlineExceededError):
-            await batcher.infer(row(1.0), deadline=time.monotonic() - 1)
+            await ask(batcher, row(1.0), deadline=time.monotonic() - 1)
     assert model.batches == []
 
 
@@ -320,6 +328,90 @@ async def test_request_cancelled_while_its_batch_waits_is_dropped() -> None:
     assert model.batches == [[0.0], [2.0, 3.0]]
 
 
+async def passed(deadline: float) -> None:
+    """Wait until `deadline` (time.monotonic()) has passed."""
+    while time.monotonic() <= deadline:
+        await asyncio.sleep(max(deadline - time.monotonic(), 0.001))
+
+
+async def taken(batcher: DynamicBatcher) -> None:
+    """Wait until the worker took every queued request into the batch it is forming."""
+    for _ in range(1000):
+        if batcher.stats().queued == 0:
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("the worker never took the queued requests")
+
+
+# Dropped where the batch is taken from the queue, a dead request leaves its place to a live
+# one: with max_batch_size 2, the two live requests behind it run together, not one by one.
+
+
+@pytest.mark.asyncio
+async def test_a_request_expired_in_the_queue_takes_no_place_in_the_next_batch() -> None:
+    model = GatedModel()
+    async with running(model, max_batch_size=2) as batcher:
+        model.hold()
+        first = submit(batcher, row(0.0))
+        await model.wait_entered()
+        deadline = time.monotonic() + 0.02
+        doomed = submit(batcher, row(1.0), deadline=deadline)
+        live = [submit(batcher, row(v)) for v in (2.0, 3.0)]
+        await queued(batcher, 3)
+        await passed(deadline)  # while the worker is busy with the first batch
+        model.open()
+        with pytest.raises(DeadlineExceededError, match="deadline passed before"):
+            await asyncio.wait_for(doomed, TIMEOUT)
+        results = await asyncio.wait_for(asyncio.gather(first, *live), TIMEOUT)
+        stats = batcher.stats()
+    assert [r["y"].item() for r in results] == [1.0, 5.0, 7.0]
+    assert model.batches == [[0.0], [2.0, 3.0]]
+    assert (stats.success, stats.fail) == (3, 1)
+
+
+@pytest.mark.asyncio
+async def test_a_request_cancelled_in_the_queue_takes_no_place_in_the_next_batch() -> None:
+    model = GatedModel()
+    async with running(model, max_batch_size=2) as batcher:
+        model.hold()
+        first = submit(batcher, row(0.0))
+        await model.wait_entered()
+        gone = submit(batcher, row(1.0))
+        live = [submit(batcher, row(v)) for v in (2.0, 3.0)]
+        await queued(batcher, 3)
+        gone.cancel()  # the caller goes away while its request waits in the queue
+        model.open()
+        results = await asyncio.wait_for(asyncio.gather(first, *live), TIMEOUT)
+        assert batcher.stats().cancelled == 1
+    assert [r["y"].item() for r in results] == [1.0, 5.0, 7.0]
+    assert model.batches == [[0.0], [2.0, 3.0]]
+
+
+@pytest.mark.asyncio
+async def test_a_request_that_expires_while_its_batch_waits_for_more_is_not_computed() -> None:
+    model = GatedModel()
+    async with running(model, max_batch_size=8, max_queue_delay_s=10.0) as batcher:
+        model.hold()
+        first = submit(batcher, row(0.0))
+        await model.wait_entered()
+        deadline = time.monotonic() + 0.5
+        doomed = submit(batcher, row(1.0), deadline=deadline)
+        kept = submit(batcher, row(2.0))
+        await queued(batcher, 2)
+        model.open()
+        await asyncio.wait_for(first, TIMEOUT)
+        await taken(batcher)  # the worker holds [1, 2] under load: its window is open
+        assert time.monotonic() < deadline, "too slow: the deadline passed before the window"
+        # The window closes at the earliest deadline in it (not after 10 s); the expired
+        # request is dropped then, and the other runs alone.
+        with pytest.raises(DeadlineExceededError, match="deadline passed before"):
+            await asyncio.wait_for(doomed, TIMEOUT)
+        assert (await asyncio.wait_for(kept, TIMEOUT))["y"].item() == 5.0
+        stats = batcher.stats()
+    assert model.batches == [[0.0], [2.0]]
+    assert (stats.success, stats.fail) == (2, 1)
+
+
 @pytest.mark.asyncio
 async def test_compute_exception_reaches_every_request_of_the_batch() -> None:
     model = GatedModel(model=lambda x: (_ for _ in ()).throw(RuntimeError("boom")))
@@ -336,19 +428,9 @@ async def test_compute_exception_reaches_every_request_of_the_batch() -> None:
         stats = batcher.stats()
         # The worker survives a failing model.
         model.model = linear()
-        assert (await asyncio.wait_for(batcher.infer(row(4.0)), TIMEOUT))["y"].item() == 9.0
+        assert (await asyncio.wait_for(ask(batcher, row(4.0)), TIMEOUT))["y"].item() == 9.0
     assert [str(r) for r in results] == ["boom"] * 4
     assert stats.batch_sizes == {} and (stats.fail, stats.success) == (4, 0)
-
-
-@pytest.mark.asyncio
-async def test_outputs_without_one_row_per_input_row_are_an_error() -> None:
-    def compute(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"y": inputs["x"].sum(dim=0, keepdim=True)}
-
-    async with running(compute) as batcher:
-        with pytest.raises(ValueError, match="output 'y' has 1 rows for a batch of 2"):
-            await batcher.infer({"x": torch.ones(2, 1)})
 
 
 @pytest.mark.asyncio
@@ -369,7 +451,7 @@ async def test_stop_fails_queued_requests_and_finishes_the_running_batch() -> No
         assert (await asyncio.wait_for(first, TIMEOUT))["y"].item() == 9.0
         await asyncio.wait_for(stopping, TIMEOUT)
         with pytest.raises(ModelNotReadyError, match="not accepting requests"):
-            await batcher.infer(row(1.0))
+            await ask(batcher, row(1.0))
     assert model.batches == [[4.0]]
 
 
@@ -410,23 +492,6 @@ async def test_priority_lower_number_runs_first() -> None:
     assert model.batches == [[0.0], [1.0], [2.0], [3.0], [4.0]]
 
 
-@pytest.mark.asyncio
-async def test_request_larger_than_max_batch_size_is_refused() -> None:
-    async with running(GatedModel(), max_batch_size=2) as batcher:
-        with pytest.raises(InvalidTensorError) as err:
-            await batcher.infer({"x": torch.ones(3, 1)})
-    assert str(err.value) == "input 'x': has 3 rows, more than max_batch_size 2"
-
-
-@pytest.mark.asyncio
-async def test_inputs_must_agree_on_dimension_zero() -> None:
-    async with running(GatedModel()) as batcher:
-        with pytest.raises(InvalidTensorError, match="dimension 0 must agree"):
-            await batcher.infer({"a": torch.ones(2, 1), "b": torch.ones(3, 1)})
-        with pytest.raises(InvalidTensorError, match="is a scalar"):
-            await batcher.infer({"a": torch.tensor(1.0)})
-
-
 def test_invalid_configuration_is_refused() -> None:
     with ThreadPoolExecutor(max_workers=1) as executor:
         with pytest.raises(ValueError, match="max_batch_size must be at least 1"):
@@ -435,27 +500,64 @@ def test_invalid_configuration_is_refused() -> None:
             DynamicBatcher("m", GatedModel(), executor, max_batch_size=4, preferred_batch_sizes=[8])
 
 
-# ---------------------------------------------------------------- collate / split
+# ---------------------------------------------------- collating and splitting, through submit
 
 
-def test_collate_concatenates_along_dim_zero() -> None:
+@pytest.mark.asyncio
+async def test_a_batch_concatenates_its_requests_along_dimension_zero() -> None:
+    seen: list[dict[str, torch.Tensor]] = []
+    gate = GatedModel()
+
+    def compute(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        seen.append(inputs)
+        gate({"x": inputs["x"]})
+        return {"y": inputs["x"] * 2, "n": inputs["m"].sum(dim=1, keepdim=True)}
+
     a = {"x": torch.tensor([[1.0]]), "m": torch.tensor([[True, False]])}
     b = {"x": torch.tensor([[2.0], [3.0]]), "m": torch.tensor([[False, False], [True, True]])}
-    batch, sizes = collate([a, b])
-    assert sizes == [1, 2]
-    assert batch["x"].tolist() == [[1.0], [2.0], [3.0]]
-    assert batch["m"].shape == (3, 2)
+    async with running(compute, max_batch_size=8) as batcher:
+        gate.hold()
+        first = submit(batcher, {"x": torch.tensor([[0.0]]), "m": torch.tensor([[True, True]])})
+        await gate.wait_entered()
+        tasks = [submit(batcher, a), submit(batcher, b)]
+        await queued(batcher, 2)
+        gate.open()
+        _, for_a, for_b = await asyncio.wait_for(asyncio.gather(first, *tasks), TIMEOUT)
+    assert seen[1]["x"].tolist() == [[1.0], [2.0], [3.0]]
+    assert seen[1]["m"].tolist() == [[True, False], [False, False], [True, True]]
+    assert for_a["y"].tolist() == [[2.0]] and for_a["n"].tolist() == [[1]]
+    assert for_b["y"].tolist() == [[4.0], [6.0]] and for_b["n"].tolist() == [[0], [2]]
 
 
-def test_collate_of_one_request_is_not_a_copy() -> None:
+@pytest.mark.asyncio
+async def test_a_lone_request_reaches_the_model_without_a_copy() -> None:
+    seen: list[torch.Tensor] = []
+
+    def compute(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        seen.append(inputs["x"])
+        return {"y": inputs["x"]}
+
     x = torch.ones(3, 4)
-    batch, sizes = collate([{"x": x}])
-    assert batch["x"] is x and sizes == [3]
+    async with running(compute) as batcher:
+        result = await asyncio.wait_for(ask(batcher, {"x": x}), TIMEOUT)
+    assert seen[0] is x and result["y"] is x
 
 
-def test_collate_refuses_different_input_names() -> None:
-    with pytest.raises(ValueError, match="different inputs"):
-        collate([{"x": torch.ones(1)}, {"y": torch.ones(1)}])
+@pytest.mark.asyncio
+async def test_requests_of_several_rows_get_their_own_rows_back() -> None:
+    model = GatedModel(model=lambda x: x)
+    async with running(model, max_batch_size=8) as batcher:
+        model.hold()
+        first = submit(batcher, row(0.0))
+        await model.wait_entered()
+        requests = [{"x": torch.randn(n, 1)} for n in (1, 4, 2)]
+        tasks = [submit(batcher, inputs) for inputs in requests]
+        await queued(batcher, 3)
+        model.open()
+        results = await asyncio.wait_for(asyncio.gather(first, *tasks), TIMEOUT)
+    assert len(model.batches) == 2 and len(model.batches[1]) == 7  # one batch of 7 rows
+    for original, part in zip(requests, results[1:], strict=True):
+        assert torch.equal(original["x"], part["y"])
 
 
 def test_split_returns_views_per_request() -> None:
@@ -469,20 +571,6 @@ def test_split_of_one_request_passes_through() -> None:
     y = torch.ones(2, 1)
     (only,) = split({"y": y}, [2])
     assert only["y"] is y
-
-
-def test_split_refuses_outputs_with_the_wrong_leading_size() -> None:
-    with pytest.raises(ValueError, match="output 'y' has 2 rows for a batch of 3"):
-        split({"y": torch.ones(2, 1)}, [1, 2])
-    with pytest.raises(ValueError, match="output 's' has None rows"):
-        split({"s": torch.tensor(1.0)}, [1])
-
-
-def test_collate_then_split_is_the_identity() -> None:
-    requests = [{"x": torch.randn(n, 3)} for n in (1, 4, 2)]
-    batch, sizes = collate(requests)
-    for original, part in zip(requests, split(batch, sizes), strict=True):
-        assert torch.equal(original["x"], part["x"])
 
 
 # -- histograms and the per-version ledger behind /metrics ------------------------------------
@@ -523,7 +611,7 @@ async def served_by(ledger: StatsLedger[str], key: str, requests: int) -> Dynami
     async with running(GatedModel()) as batcher:
         ledger.track(key, batcher)
         for value in range(requests):
-            await asyncio.wait_for(batcher.infer(row(float(value))), TIMEOUT)
+            await asyncio.wait_for(ask(batcher, row(float(value))), TIMEOUT)
         assert ledger.totals()[key].success >= requests
     return batcher
 

@@ -14,7 +14,7 @@ import torch
 
 from moduleserve.server.engine.batcher import DynamicBatcher
 from moduleserve.server.errors import DeadlineExceededError
-from tests.unit.test_batcher import TIMEOUT, row
+from tests.unit.test_batcher import TIMEOUT, ask, row
 
 
 class Recorder:
@@ -49,7 +49,7 @@ async def test_lone_request_runs_at_once_inline() -> None:
     model = Recorder()
     async with inline(model, max_batch_size=8, max_queue_delay_s=10.0) as batcher:
         assert batcher.inline
-        result = await asyncio.wait_for(batcher.infer(row(4.0)), TIMEOUT)
+        result = await asyncio.wait_for(ask(batcher, row(4.0)), TIMEOUT)
         stats = batcher.stats()
     assert result["y"].tolist() == [[9.0]]
     assert model.batches == [[4.0]] and stats.batch_sizes == {1: 1}
@@ -59,7 +59,7 @@ async def test_lone_request_runs_at_once_inline() -> None:
 async def test_requests_queued_together_form_one_inline_batch() -> None:
     model = Recorder()
     async with inline(model, max_batch_size=8) as batcher:
-        tasks = [asyncio.create_task(batcher.infer(row(v))) for v in (1.0, 2.0, 3.0, 4.0, 5.0)]
+        tasks = [asyncio.create_task(ask(batcher, row(v))) for v in (1.0, 2.0, 3.0, 4.0, 5.0)]
         results = await asyncio.wait_for(asyncio.gather(*tasks), TIMEOUT)
         stats = batcher.stats()
     assert [r["y"].item() for r in results] == [3.0, 5.0, 7.0, 9.0, 11.0]
@@ -71,8 +71,8 @@ async def test_requests_queued_together_form_one_inline_batch() -> None:
 async def test_request_that_expires_behind_an_inline_batch_is_never_computed() -> None:
     model = Recorder(sleep_s=0.2)
     async with inline(model, max_batch_size=1) as batcher:
-        first = asyncio.create_task(batcher.infer(row(1.0)))
-        late = asyncio.create_task(batcher.infer(row(2.0), deadline=time.monotonic() + 0.05))
+        first = asyncio.create_task(ask(batcher, row(1.0)))
+        late = asyncio.create_task(ask(batcher, row(2.0), deadline=time.monotonic() + 0.05))
         assert (await asyncio.wait_for(first, TIMEOUT))["y"].item() == 3.0
         with pytest.raises(DeadlineExceededError):
             await asyncio.wait_for(late, TIMEOUT)
@@ -86,9 +86,9 @@ async def test_inline_model_failure_fails_its_batch_and_the_batcher_goes_on() ->
     model = Recorder(fail=True)
     async with inline(model, max_batch_size=4) as batcher:
         with pytest.raises(RuntimeError, match="model failed"):
-            await asyncio.wait_for(batcher.infer(row(1.0)), TIMEOUT)
+            await asyncio.wait_for(ask(batcher, row(1.0)), TIMEOUT)
         model.fail = False
-        assert (await asyncio.wait_for(batcher.infer(row(2.0)), TIMEOUT))["y"].item() == 5.0
+        assert (await asyncio.wait_for(ask(batcher, row(2.0)), TIMEOUT))["y"].item() == 5.0
 
 
 @pytest.mark.asyncio
@@ -102,7 +102,7 @@ async def test_other_tasks_run_between_inline_batches() -> None:
         async def bystander() -> None:
             seen.append(len(model.batches))
 
-        tasks = [asyncio.create_task(batcher.infer(row(v))) for v in (1.0, 2.0)]
+        tasks = [asyncio.create_task(ask(batcher, row(v))) for v in (1.0, 2.0)]
         await asyncio.sleep(0)  # both queued; the worker runs the first batch next
         other = asyncio.create_task(bystander())
         await asyncio.wait_for(asyncio.gather(*tasks, other), TIMEOUT)

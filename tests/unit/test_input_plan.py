@@ -13,7 +13,7 @@ from moduleserve.registry.entities import ModuleClass, TensorSpec
 from moduleserve.registry.errors import InvalidInputError
 from moduleserve.server.engine.batcher import signature_of
 from moduleserve.server.engine.plan import InputPlan
-from moduleserve.server.inference import check_inputs
+from moduleserve.server.errors import InvalidTensorError
 
 
 def module_class(*inputs: TensorSpec) -> ModuleClass:
@@ -27,8 +27,8 @@ PAIR = module_class(TensorSpec("a", "int64", (-1,)), TensorSpec("b", "float32", 
 
 
 def reference(cls: ModuleClass, inputs: Mapping[str, torch.Tensor]) -> tuple[int, Hashable]:
-    """What the engine did before the plan: check_inputs, then the batcher's signature."""
-    check_inputs("m", cls, inputs, 4)
+    """The full check of every request, then the batcher's merge key."""
+    InputPlan("m", cls, 4).check_slow(inputs)
     return signature_of(inputs)
 
 
@@ -81,3 +81,23 @@ def test_unknown_requested_output_sentence() -> None:
     assert str(err.value) == (
         "requested output 'logits' is not an output of model 'm' (outputs: y)"
     )
+
+
+def test_a_request_larger_than_max_batch_size_is_refused() -> None:
+    with pytest.raises(InvalidTensorError) as err:
+        InputPlan("m", SINGLE, 2).check({"x": torch.zeros(3, 3, 8, 8)})
+    assert str(err.value) == "input 'x': has 3 rows, more than model 'm''s max_batch_size 2"
+
+
+def test_inputs_must_agree_on_dimension_zero() -> None:
+    with pytest.raises(InvalidTensorError) as err:
+        InputPlan("m", PAIR, 4).check(
+            {"a": torch.zeros(2, dtype=torch.int64), "b": torch.zeros(3, 2)}
+        )
+    assert str(err.value) == "input 'b': has 3 rows, but input 'a' has 2"
+
+
+def test_a_scalar_is_refused_where_the_spec_has_a_batch_dimension() -> None:
+    with pytest.raises(InvalidTensorError) as err:
+        InputPlan("m", SINGLE, 4).check({"x": torch.tensor(1.0)})
+    assert str(err.value) == "input 'x': expected shape [-1, 3, 8, 8], got []"
