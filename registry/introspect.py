@@ -31,7 +31,7 @@ from moduleserve.client.introspection_results import (
     Totals,
 )
 from moduleserve.registry.errors import InvalidInputError
-from moduleserve.registry.numbers import INT64_MAX, INT64_MIN, InvalidNumberError, parse_int
+from moduleserve.registry.numbers import InvalidNumberError, parse_int
 
 # 4M float64 elements = 32 MiB of working memory per chunk, yet few enough kernel launches.
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
@@ -416,12 +416,17 @@ def _parse_item(text: str, item: str, dim: int, size: int) -> int | slice:
     return slice(first, last, min(stride, max(size, 1)))
 
 
+# Up to 19 digits, as many as int64 has: bounds and steps are applied in exact integers
+# (slice.indices), so a step of 10**19 - 1 selects what Python would, not an overflow.
+SLICE_NUMBER_MAX = 10**19 - 1
+
+
 def _parse_int(text: str, part: str) -> int | None:
     """Return the integer in ``part``, None when it is empty; reject anything else."""
     if not part:
         return None
     try:
-        return parse_int(part, "a slice bound", INT64_MIN, INT64_MAX)
+        return parse_int(part, "a slice bound", -SLICE_NUMBER_MAX, SLICE_NUMBER_MAX)
     except InvalidNumberError:
         reason = f"{part!r} is not an integer, a slice like 1:5:2, ':' or '...'"
         raise InvalidSliceError(text, reason) from None
