@@ -45,8 +45,9 @@ def request(
     end_stream: bool = True,
     timeout: float = 30.0,
 ) -> Response:
-    """One POST on a fresh connection; waits for the stream's end (or `timeout`, then
-    fails). With `end_stream=False` the body stays open, as a client still sending."""
+    """One POST on a fresh connection (content-type application/grpc unless `headers` name
+    one); waits for the stream's end (or `timeout`, then fails). With `end_stream=False`
+    the body stays open, as a client still sending."""
     connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     response = Response()
     deadline = time.monotonic() + timeout
@@ -54,6 +55,9 @@ def request(
         connection.initiate_connection()
         sock.sendall(connection.data_to_send())
         stream = connection.get_next_available_stream_id()
+        given = headers or []
+        if not any(key == "content-type" for key, _ in given):
+            given = [("content-type", "application/grpc"), *given]
         connection.send_headers(
             stream,
             [
@@ -61,9 +65,8 @@ def request(
                 (":scheme", "http"),
                 (":authority", f"127.0.0.1:{port}"),
                 (":path", path),
-                ("content-type", "application/grpc"),
                 ("te", "trailers"),
-                *(headers or []),
+                *given,
             ],
             end_stream=not body and end_stream,
         )
