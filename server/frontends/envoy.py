@@ -128,7 +128,8 @@ class EnvoyProcess:
         self._drain_file = workdir / f"draining-{index}"
         self.log_file = workdir / f"envoy-{index}.log"
         self._process: subprocess.Popen[bytes] | None = None
-        self._admin = ""
+        self.admin = ""
+        """Envoy's admin endpoint (host:port) once it started."""
         self.state: dict[str, Any] = {}
 
     def spawn(self) -> None:
@@ -193,6 +194,9 @@ class EnvoyProcess:
         assert self._process is not None
         return self._process.pid
 
+    def __str__(self) -> str:
+        return "Envoy" if self._process is None else f"Envoy (pid {self._process.pid})"
+
     def exit_code(self) -> int | None:
         return None if self._process is None else self._process.poll()
 
@@ -203,9 +207,9 @@ class EnvoyProcess:
             code = self.exit_code()
             if code is not None:
                 raise EnvoyStartError(self._failure(code))
-            if not self._admin and self._admin_file.exists():
-                self._admin = self._admin_file.read_text().strip()
-            if self._admin and await asyncio.to_thread(self._admin_ready):
+            if not self.admin and self._admin_file.exists():
+                self.admin = self._admin_file.read_text().strip()
+            if self.admin and await asyncio.to_thread(self._admin_ready):
                 self.state = json.loads(self._state_file.read_text())
                 self._settings_file.unlink(missing_ok=True)
                 return await asyncio.to_thread(self._listener_port)
@@ -231,7 +235,7 @@ class EnvoyProcess:
         return last.rsplit("] ", 1)[-1][:300]
 
     def _admin_get(self, path: str, method: str = "GET") -> str:
-        request = urllib.request.Request(f"http://{self._admin}{path}", method=method)
+        request = urllib.request.Request(f"http://{self.admin}{path}", method=method)
         with urllib.request.urlopen(request, timeout=5) as response:
             return str(response.read().decode())
 
@@ -255,7 +259,7 @@ class EnvoyProcess:
         and refuses new calls with UNAVAILABLE. Then Envoy closes its listener, and this
         waits until no request is active (three polls running: one zero could fall
         between two back-to-back calls)."""
-        if self.exit_code() is not None or not self._admin:
+        if self.exit_code() is not None or not self.admin:
             return
         deadline = time.monotonic() + grace
         self._drain_file.touch()
@@ -264,22 +268,39 @@ class EnvoyProcess:
             await asyncio.to_thread(
                 self._admin_get, "/drain_listeners?inboundonly&graceful", "POST"
             )
-        except (OSError, urllib.error.URLError):
-            return
+        except (OSError, urllib.error.URLError) as exc:
+            # The application refuses new calls already; in-flight ones still get the grace.
+            logger.warning("%s did not close its port: %s", self, exc)
         idle_polls = 0
-        while time.monotonic() < deadline and idle_polls < 3:
-            # Idle three polls running: one zero could fall between two back-to-back calls.
-            idle = await asyncio.to_thread(self._active) == 0
-            idle_polls = idle_polls + 1 if idle else 0
+        unanswered = False
+        while time.monotonic() < deadline and idle_polls < 3 and self.exit_code() is None:
+            active = await asyncio.to_thread(self._active)
+            if active is None:
+                # Unknown is not idle: requests may be in flight. Retry until the grace ends.
+                if not unanswered:
+                    logger.warning(
+                        "%s did not say how many requests are in flight; waiting up to the "
+                        "grace period (%.0fs) for them",
+                        self,
+                        grace,
+                    )
+                unanswered = True
+                idle_polls = 0
+            else:  # idle three polls running: one zero could fall between two calls
+                idle_polls = idle_polls + 1 if active == 0 else 0
             await asyncio.sleep(0.05)
 
-    def _active(self) -> int:
+    def _active(self) -> int | None:
+        """Requests in flight, or None when the admin endpoint gave no count."""
         try:
             stats = self._admin_get("/stats?filter=^http\\.ingress_http\\.downstream_rq_active$")
         except (OSError, urllib.error.URLError):
-            return 0
+            return None
         _, _, value = stats.partition(":")
-        return int(value.strip() or 0)
+        try:
+            return int(value.strip())
+        except ValueError:
+            return None
 
     async def stop(self, timeout: float = 30) -> int:
         """SIGTERM Envoy (the lifespan then unloads the models) and wait for it."""
