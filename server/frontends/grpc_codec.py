@@ -211,23 +211,32 @@ class GrpcCodec:
             else:
                 await self._dispatch_by(deadline, handler, context, reader, call)
         except _Abort as abort:
-            await call.finish(abort.code, abort.details)
-        except (_ClientGone, OSError):  # nobody listens any more (ASGI servers raise an
-            _log_gone(method)  # OSError from send() once the client is gone): nothing to send
+            ending = abort
+        except _ClientGone:  # nobody listens any more: nothing to send
+            _log_gone(method)
+            return
         except asyncio.CancelledError:
             if call.cancelled_by_client:  # as above, noticed by the call's watch
                 _log_gone(method)
                 return
-            raise
+            if not call.expired:
+                raise
+            call.uncancel()  # our own timer's cancellation, taken back: the call ends here
+            ending = _refuse("the deadline passed", "Deadline Exceeded")
         except Exception as exc:  # a bug of ours: the client gets a sentence, the log the rest
             request_id = uuid.uuid4().hex[:16]
             logger.error("internal error in %s (request id %s)", method, request_id, exc_info=exc)
-            failure = _refuse(
+            ending = _refuse(
                 "an unexpected exception in a handler", f"internal error (request id {request_id})"
             )
-            await call.finish(failure.code, failure.details)
+        else:
+            return
         finally:
             call.done()
+        try:  # a status that ends the call early (outside the handlers above: it may fail too)
+            await call.finish(ending.code, ending.details)
+        except _ClientGone:
+            _log_gone(method)
 
     async def _dispatch(
         self, handler: Any, context: GrpcContext, reader: _Reader, call: _Call
@@ -240,17 +249,16 @@ class GrpcCodec:
     async def _dispatch_by(
         self, deadline: float, handler: Any, context: GrpcContext, reader: _Reader, call: _Call
     ) -> None:
-        """`_dispatch`, cancelled with DEADLINE_EXCEEDED when the client's deadline passes."""
-        timeout = asyncio.timeout_at(
-            asyncio.get_running_loop().time() + (deadline - time.monotonic())
-        )
+        """`_dispatch`, cancelled when the client's deadline passes (then DEADLINE_EXCEEDED).
+
+        Our own timer rather than asyncio.timeout: it leaves alone an answer already going
+        out, which a cancellation would cut between its body and its trailers."""
+        loop = asyncio.get_running_loop()
+        timer = loop.call_at(loop.time() + (deadline - time.monotonic()), call.on_deadline)
         try:
-            async with timeout:
-                await self._dispatch(handler, context, reader, call)
-        except TimeoutError:
-            if not timeout.expired():  # a handler's own TimeoutError: not the deadline
-                raise
-            raise _refuse("the deadline passed", "Deadline Exceeded") from None
+            await self._dispatch(handler, context, reader, call)
+        finally:
+            timer.cancel()
 
     async def _unary(
         self, handler: Any, context: GrpcContext, reader: _Reader, call: _Call
@@ -327,6 +335,8 @@ class _Call:
         self._timer: asyncio.TimerHandle | None = None
         self._watcher: asyncio.Task[None] | None = None  # held: the loop keeps weak refs
         self.cancelled_by_client = False
+        self.expired = False
+        self._cancels = 0  # cancellations of the task this call requested
         self.handled = False
         self.trailing: list[tuple[bytes, bytes]] = []
         """Trailing metadata the handler set, sent beside the status."""
@@ -340,12 +350,22 @@ class _Call:
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
     async def _send(self, message: dict[str, Any]) -> None:
-        if self.shielded:
+        if not self.shielded:
+            await self._send_now(message)
+            return
+        try:
             # A cancellation must not reach the pending send itself: the ASGI server
             # completes it all the same, and pyvoy then logs an InvalidStateError.
             await asyncio.shield(self._server_send(message))
-        else:
+        except OSError:
+            raise _ClientGone from None
+
+    async def _send_now(self, message: dict[str, Any]) -> None:
+        """A send nothing of ours cancels (the call's last ones, or with nothing to)."""
+        try:
             await self._server_send(message)
+        except OSError:  # what ASGI servers raise from send() once the client is gone
+            raise _ClientGone from None
 
     async def _watch(self) -> None:
         # Never cancelled: the server resolves this pending receive() when the stream ends,
@@ -353,10 +373,28 @@ class _Call:
         while True:
             event = await self._receive()
             if event["type"] == "http.disconnect":
-                if not self.handled and self._task is not None:
+                if not self.handled:
                     self.cancelled_by_client = True
-                    self._task.cancel()
+                    self._cancel()
                 return
+
+    def on_deadline(self) -> None:
+        """The client's deadline passed: cancel the handler, unless the answer is already
+        going out (it then goes out whole)."""
+        self.expired = True
+        if not self._finished:
+            self._cancel()
+
+    def _cancel(self) -> None:
+        if self._task is not None:
+            self._cancels += 1
+            self._task.cancel()
+
+    def uncancel(self) -> None:
+        """Take back the cancellations this call requested, once it handled them."""
+        while self._cancels and self._task is not None:
+            self._cancels -= 1
+            self._task.uncancel()
 
     def done(self) -> None:
         self.handled = True
@@ -388,56 +426,36 @@ class _Call:
 
     async def reply(self, data: bytes) -> None:
         """A unary call's one response message and OK status."""
-        self._finished = True
-        # From here on the stream ends because we end it: the watch must not take the end
-        # of the stream for a client going away, and cancel these very sends.
-        self.handled = True
-        await self._whole(self._reply(data))
-
-    async def _reply(self, data: bytes) -> None:
+        # From here on the stream ends because we end it: neither the watch (the end of the
+        # stream is no client going away) nor the deadline may cancel these very sends.
+        self._finished = self.handled = True
         if not self._started:
             self._started = True
-            await self._server_send(_RESPONSE_START)
-        await self._server_send(
+            await self._send_now(_RESPONSE_START)
+        await self._send_now(
             {"type": "http.response.body", "body": _PREFIX.pack(False, len(data)) + data}
         )
         if self.trailing:
             await self._trailers([*_OK_TRAILERS["headers"], *self.trailing])
         else:
-            await self._server_send(_OK_TRAILERS)
+            await self._send_now(_OK_TRAILERS)
 
     async def finish(self, code: grpc.StatusCode, details: str) -> None:
         if self._finished:
             return
         self._finished = self.handled = True  # as in reply
-        await self._whole(self._finish(code, details))
-
-    async def _finish(self, code: grpc.StatusCode, details: str) -> None:
         if not self._started:
             self._started = True
-            await self._server_send(_RESPONSE_START)
-        await self._server_send({"type": "http.response.body", "body": b"", "more_body": False})
+            await self._send_now(_RESPONSE_START)
+        await self._send_now({"type": "http.response.body", "body": b"", "more_body": False})
         trailers = [(b"grpc-status", str(code.value[0]).encode())]
         if details:
             quoted = urllib.parse.quote(fit_details(details), safe=_MESSAGE_SAFE)
             trailers.append((b"grpc-message", quoted.encode()))
         await self._trailers([*trailers, *self.trailing])
 
-    async def _whole(self, sending: Awaitable[None]) -> None:
-        """A call's last sends as one: a deadline passing meanwhile waits for them, so the
-        stream never stops between its body and its trailers (and no pending send is
-        cancelled under the server)."""
-        if not self.shielded:
-            await sending
-            return
-        task = asyncio.ensure_future(sending)
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            await task  # the answer was ready: it goes out whole, and the call ends here
-
     async def _trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
-        await self._server_send(
+        await self._send_now(
             {"type": "http.response.trailers", "headers": trailers, "more_trailers": False}
         )
 
@@ -483,13 +501,14 @@ class _Reader:
         self.on_end: Callable[[], None] | None = None
 
     async def _event(self) -> dict[str, Any]:
-        if self._shield:
-            # A cancellation (the deadline, the client's going) must not reach the pending
-            # receive() itself: the ASGI server resolves it later all the same, and pyvoy
-            # then logs an InvalidStateError for the cancelled future.
-            event = await asyncio.shield(self._receive())
+        received = self._receive()
+        if self._shield and not (isinstance(received, asyncio.Future) and received.done()):
+            # A cancellation (the deadline) must not reach the pending receive() itself:
+            # the ASGI server resolves it later all the same, and pyvoy then logs an
+            # InvalidStateError for the cancelled future.
+            event = await asyncio.shield(received)
         else:
-            event = await self._receive()
+            event = await received
         if event["type"] == "http.disconnect":
             raise _ClientGone
         return event

@@ -52,6 +52,7 @@ class Stream:
         self.closed = False
         self.send_delay = send_delay
         self.sends: list[asyncio.Future[None]] = []
+        self.gone = False  # sends fail as an ASGI server's do once the client is gone
 
     def receive(self) -> asyncio.Future[dict[str, Any]]:
         """A future, as pyvoy returns: one cancelled under it is a bug of the caller's."""
@@ -83,7 +84,9 @@ class Stream:
         which asyncio logs (and the test fails)."""
         self.sent.append(message)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if self.send_delay:
+        if self.gone:
+            future.set_exception(ConnectionResetError("the client went away"))
+        elif self.send_delay:
             asyncio.get_running_loop().call_later(self.send_delay, future.set_result, None)
         else:
             future.set_result(None)
@@ -173,6 +176,9 @@ class Service:
     async def fail(self, request: bytes, context: Any) -> bytes:
         raise RuntimeError("a bug")
 
+    async def own_timeout(self, request: bytes, context: Any) -> bytes:
+        raise TimeoutError("a timeout of the handler's own, not the client's deadline")
+
     async def abort(self, request: bytes, context: Any) -> bytes:
         await context.abort(Code.INVALID_ARGUMENT, SPECIAL)
         raise AssertionError("abort returned")
@@ -204,6 +210,7 @@ class Service:
             "Unary": grpc.unary_unary_rpc_method_handler(self.unary),
             "Sleep": grpc.unary_unary_rpc_method_handler(self.sleep),
             "Fail": grpc.unary_unary_rpc_method_handler(self.fail),
+            "OwnTimeout": grpc.unary_unary_rpc_method_handler(self.own_timeout),
             "Abort": grpc.unary_unary_rpc_method_handler(self.abort),
             "Metadata": grpc.unary_unary_rpc_method_handler(self.metadata_echo),
             "Collect": grpc.stream_unary_rpc_method_handler(self.collect),
@@ -412,6 +419,15 @@ async def test_a_deadline_during_a_slow_send_never_cancels_the_send(
     stream.close()
 
 
+async def test_a_handlers_own_timeout_is_not_the_deadline(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.ERROR, logger="moduleserve"):
+        stream = await run(body(frame(b"")), "OwnTimeout", [("grpc-timeout", "10S")])
+    assert stream.code == Code.INTERNAL
+    assert stream.details.startswith("internal error (request id ")
+
+
 async def test_a_call_within_its_deadline_answers() -> None:
     stream = await run(body(frame(b"on time")), headers=[("grpc-timeout", "10S")])
     assert (stream.code, stream.messages) == (Code.OK, [b"on time"])
@@ -456,6 +472,41 @@ async def test_a_unary_client_gone_after_the_watch_starts_cancels_the_handler(
         await asyncio.wait_for(call, 10)
     assert service.cancelled.is_set()
     assert [r.levelno for r in caplog.records if r.name.startswith("moduleserve")] == [logging.INFO]
+    stream.close()
+
+
+async def test_a_client_gone_before_the_answer_is_one_info_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    codec = GrpcCodec(Service().table(), LIMIT)
+    stream = Stream(body(frame(b"answer")))
+    stream.gone = True
+    with caplog.at_level(logging.INFO, logger="moduleserve"):
+        await asyncio.wait_for(codec(scope("Unary"), stream.receive, stream.send), 10)
+    records = [r for r in caplog.records if r.name.startswith("moduleserve")]
+    assert [(r.levelno, r.exc_info) for r in records] == [(logging.INFO, None)]
+    assert "the client went away" in records[0].getMessage()
+    stream.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "headers"),
+    [("Nope", []), ("Sleep", [("grpc-timeout", "20m")])],
+    ids=["refusal", "deadline"],
+)
+async def test_a_client_gone_before_an_early_status_is_one_info_line(
+    method: str, headers: list[tuple[str, str]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The codec ends the call with a status of its own (UNIMPLEMENTED, DEADLINE_EXCEEDED),
+    and the client is gone by then: nothing escapes to the ASGI server."""
+    codec = GrpcCodec(Service().table(), LIMIT)
+    stream = Stream(body(frame(b"")))
+    stream.gone = True
+    with caplog.at_level(logging.INFO, logger="moduleserve"):
+        await asyncio.wait_for(codec(scope(method, headers), stream.receive, stream.send), 10)
+    records = [r for r in caplog.records if r.name.startswith("moduleserve")]
+    assert [(r.levelno, r.exc_info) for r in records] == [(logging.INFO, None)]
+    assert "the client went away" in records[0].getMessage()
     stream.close()
 
 
