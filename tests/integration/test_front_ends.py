@@ -373,6 +373,19 @@ def test_what_clients_cause_leaves_no_traceback_in_the_envoy_log(
                 channel.unary_unary(method_path("ModelInfer"))(slow_request(), timeout=0.2)
             assert err.value.code() == Code.DEADLINE_EXCEEDED
             release.set()
+        # An upload whose client never gives up by itself: only the server's deadline ends
+        # it, while the codec waits for the next chunk.
+        header = v1.UploadDatasetHeader(
+            name="raw", tensors=[v1.DatasetTensor(name="inputs", dtype="float32", shape=[4])]
+        )
+        stalled = h2_client.request(
+            server.port,
+            "/moduleserve.v1.Datasets/UploadDataset",
+            h2_client.frame(v1.UploadDatasetRequest(header=header).SerializeToString()),
+            [("grpc-timeout", "300m")],
+            end_stream=False,
+        )
+        assert stalled.grpc_status == Code.DEADLINE_EXCEEDED.value[0], stalled
         for version in ("1.1", "2"):  # gRPC-Web is not spoken: a REST 404, nothing more
             if version == "2":
                 h2 = h2_client.request(
