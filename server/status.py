@@ -175,6 +175,8 @@ def guard_decoding(handler: Any, method: str) -> Any:
         "protobuf message of that method's request type"
     )
     decode = handler.request_deserializer
+    if decode is None:  # the handler takes raw bytes: nothing can fail to decode
+        return handler
     if handler.request_streaming:
         # Streamed messages are decoded inside the handler, so its error mapping applies.
         def decode_or_refuse(data: bytes) -> Any:

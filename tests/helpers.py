@@ -251,19 +251,19 @@ class EnvoyServer:
     `target` as ServerThread, for wire tests parametrized over front ends. Envoy runs as a
     child process with the application inside (there is no in-process `app` to reach);
     job workers, when the settings ask for them, are children of this process, as under
-    `moduleserve-server`."""
+    `moduleserve-server`. `app` serves another ASGI application (a test's) the same way."""
 
-    def __init__(self, settings: Any, workers: int = 1) -> None:
+    def __init__(self, settings: Any, workers: int = 1, app: str | None = None) -> None:
         import asyncio
         import threading
 
-        from moduleserve.server.frontends.envoy import EnvoyFrontEnd
+        from moduleserve.server.frontends.envoy import APP, EnvoyFrontEnd
         from moduleserve.server.jobs.supervisor import WorkerProcesses
 
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
-        self._front = EnvoyFrontEnd(settings, workers)
+        self._front = EnvoyFrontEnd(settings, workers, app or APP)
         self._jobs = WorkerProcesses(settings, settings.job_workers)
         self.port: int = self.run(self._front.start(timeout=120))
         if settings.job_workers:
@@ -276,6 +276,17 @@ class EnvoyServer:
         import asyncio
 
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    @property
+    def pid(self) -> int:
+        """The (first) Envoy process: the one that holds the models."""
+        return self._front.processes[0].pid
+
+    @property
+    def envoy_log(self) -> Path:
+        """Envoy's own output (its log, and what Python inside it writes to stderr); the
+        application's log lines go to this process's stderr instead."""
+        return self._front.processes[0].log_file
 
     def stop(self) -> None:
         """Drain and stop Envoy (and the job workers), then end the loop thread."""

@@ -3,6 +3,7 @@ unknown methods, size limits, tokens, TLS and metrics, the same under grpc.aio a
 
 from __future__ import annotations
 
+import http.client
 import subprocess
 import threading
 import time
@@ -16,9 +17,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moduleserve.client.oip import method_path
+from moduleserve.client.pb import moduleserve_v1_pb2 as v1
 from moduleserve.client.pb import oip_v2_pb2 as pb
 from moduleserve.registry.api import Registry
 from moduleserve.registry.classes import parse_input_spec
+from tests import h2_client
 from tests.helpers import EnvoyServer, ServerThread, server_settings
 from tests.models import SlowNet
 
@@ -98,6 +101,66 @@ def test_a_cancelled_queued_request_is_never_computed(slow_server: Any) -> None:
         time.sleep(0.6)  # past the next batch the cancelled request would have made
         assert infer_rows(channel, "slow") == rows_before + 1
     assert_serving(slow_server.target)
+
+
+def test_the_server_itself_ends_a_call_at_its_deadline(slow_server: Any) -> None:
+    """A raw HTTP/2 client sends `grpc-timeout` and never gives up on its own (grpcio would
+    cancel at its deadline, hiding whether the server enforces it): the server must end
+    the call with DEADLINE_EXCEEDED while the forward pass (0.5 s) still runs."""
+    started = time.monotonic()
+    response = h2_client.request(
+        slow_server.port,
+        method_path("ModelInfer"),
+        h2_client.frame(slow_request()),
+        [("grpc-timeout", "150m")],
+    )
+    assert response.grpc_status == Code.DEADLINE_EXCEEDED.value[0], response
+    assert time.monotonic() - started < 5  # generous: the point is that it ends at all
+    assert_serving(slow_server.target)
+
+
+@pytest.mark.parametrize("frontend", FRONT_ENDS)
+def test_the_message_limit_is_exact(frontend: str, demo_registry: Registry) -> None:
+    """A message of exactly --max-message-mb passes the size check (and is refused for
+    what it holds); one byte more is RESOURCE_EXHAUSTED."""
+    server = start(frontend, demo_registry, max_message_mb=1)
+    limit = 1024 * 1024
+    options = [("grpc.max_send_message_length", 2 * limit)]
+    try:
+        with grpc.insecure_channel(server.target, options=options) as channel:
+            infer = channel.unary_unary(method_path("ModelInfer"))
+            with pytest.raises(grpc.RpcError) as err:
+                infer(bytes(limit), timeout=30)  # zeros: not a valid protobuf message
+            assert err.value.code() == Code.INVALID_ARGUMENT, err.value.details()
+            with pytest.raises(grpc.RpcError) as err:
+                infer(bytes(limit + 1), timeout=30)
+            assert err.value.code() == Code.RESOURCE_EXHAUSTED, err.value.details()
+        assert_serving(server.target)
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("body", "details"),
+    [
+        (b"", "the request carries no message"),
+        (h2_client.frame(b"") * 2, "a unary request carries one message"),
+    ],
+    ids=["zero", "two"],
+)
+def test_a_unary_call_takes_exactly_one_message_under_envoy(
+    demo_registry: Registry, body: bytes, details: str
+) -> None:
+    server = start("envoy", demo_registry)
+    try:
+        response = h2_client.request(server.port, method_path("ServerLive"), body)
+        assert (response.grpc_status, response.grpc_message) == (
+            Code.UNIMPLEMENTED.value[0],
+            details,
+        )
+        assert_serving(server.target)
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("frontend", FRONT_ENDS)
@@ -269,3 +332,87 @@ def test_compressed_calls_are_answered(
         assert_serving(server.target)
     finally:
         server.stop()
+
+
+def _blocked_upload(channel: grpc.Channel, release: threading.Event, timeout: float) -> Any:
+    """An UploadDataset call whose client sends its header, then nothing until `release`."""
+
+    def requests() -> Any:
+        header = v1.UploadDatasetHeader(
+            name="blocked", tensors=[v1.DatasetTensor(name="inputs", dtype="float32", shape=[4])]
+        )
+        yield v1.UploadDatasetRequest(header=header)
+        release.wait(30)
+
+    upload = channel.stream_unary(
+        "/moduleserve.v1.Datasets/UploadDataset",
+        request_serializer=v1.UploadDatasetRequest.SerializeToString,
+    )
+    return upload.future(requests(), timeout=timeout)
+
+
+def test_what_clients_cause_leaves_no_traceback_in_the_envoy_log(
+    slow_registry: Registry, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Clients that cancel or time out (an upload, a queued inference), gRPC-Web and REST
+    requests to unknown paths: each gets its status and the server's log (the
+    application's lines, which the launcher's stderr carries, and Envoy's own file) has no
+    traceback, only one INFO line for a client that went away."""
+    server = start("envoy", slow_registry, load=["slow"])
+    try:
+        release = threading.Event()
+        with grpc.insecure_channel(server.target) as channel:
+            cancelled = _blocked_upload(channel, release, timeout=30)
+            timed_out = _blocked_upload(channel, release, timeout=0.5)
+            time.sleep(1.0)  # both are inside UploadDataset, waiting for their next chunk
+            assert cancelled.cancel()
+            with pytest.raises(grpc.RpcError) as err:
+                timed_out.result()
+            assert err.value.code() == Code.DEADLINE_EXCEEDED
+            with pytest.raises(grpc.RpcError) as err:
+                channel.unary_unary(method_path("ModelInfer"))(slow_request(), timeout=0.2)
+            assert err.value.code() == Code.DEADLINE_EXCEEDED
+            release.set()
+        # An upload whose client never gives up by itself: only the server's deadline ends
+        # it, while the codec waits for the next chunk.
+        header = v1.UploadDatasetHeader(
+            name="raw", tensors=[v1.DatasetTensor(name="inputs", dtype="float32", shape=[4])]
+        )
+        stalled = h2_client.request(
+            server.port,
+            "/moduleserve.v1.Datasets/UploadDataset",
+            h2_client.frame(v1.UploadDatasetRequest(header=header).SerializeToString()),
+            [("grpc-timeout", "300m")],
+            end_stream=False,
+        )
+        assert stalled.grpc_status == Code.DEADLINE_EXCEEDED.value[0], stalled
+        for version in ("1.1", "2"):  # gRPC-Web is not spoken: a REST 404, nothing more
+            if version == "2":
+                h2 = h2_client.request(
+                    server.port,
+                    "/grpc.health.v1.Health/Check",
+                    h2_client.frame(b""),
+                    [("content-type", "application/grpc-web+proto")],
+                )
+                status = int(h2.headers[":status"])
+            else:
+                connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+                connection.request(
+                    "POST", "/grpc.health.v1.Health/Check", h2_client.frame(b""),
+                    {"content-type": "application/grpc-web-text"},
+                )  # fmt: skip
+                status = connection.getresponse().status
+                connection.close()
+            assert status == 404
+        assert_serving(server.target)
+        time.sleep(1.0)  # what the calls above log is written by now
+        envoy_log = server.envoy_log.read_text(errors="replace")
+    finally:
+        server.stop()
+    log = capfd.readouterr().err
+    for text in (log, envoy_log):
+        for sign in ("Traceback", "InvalidStateError", "internal error", "ERROR"):
+            assert sign not in text, text
+    gone = [line for line in log.splitlines() if "the client went away" in line]
+    assert gone and all(" INFO " in line for line in gone), log
+    assert any("/moduleserve.v1.Datasets/UploadDataset: the client went away" in g for g in gone)

@@ -157,6 +157,31 @@ def test_plain_http_json_and_binary_infer(envoy: EnvoyServer) -> None:
     assert np.frombuffer(content[length:], np.float32).tolist() == [3.0, 5.0, 7.0]
 
 
+# What real clients send with a JSON body; none of it is gRPC (only application/grpc and
+# application/grpc+<subtype> are): each gets its JSON answer, not an empty gRPC reply.
+REST_CONTENT_TYPES = [
+    "application/json; charset=utf-8",
+    "application/json",  # requests' and httpx's json=
+    "application/x-www-form-urlencoded",  # curl -d
+    "text/plain;charset=UTF-8",  # a browser's fetch with a string body
+    "APPLICATION/JSON",
+    None,  # tritonclient.http sends none
+]
+
+
+@pytest.mark.parametrize("content_type", REST_CONTENT_TYPES)
+def test_rest_inference_gets_json_whatever_its_content_type(
+    envoy: EnvoyServer, content_type: str | None
+) -> None:
+    body = {"inputs": [{"name": "x", "shape": [2, 1], "datatype": "FP32", "data": [[4], [5]]}]}
+    headers = {"Content-Type": content_type} if content_type else {}
+    status, answer_headers, content = request(
+        envoy, "POST", "/v2/models/doubler/infer", json.dumps(body).encode(), headers
+    )
+    assert (status, answer_headers["content-type"]) == (200, "application/json"), content
+    assert json.loads(content)["outputs"][0]["data"] == [9.0, 11.0]
+
+
 def test_plain_http_refusals_are_json_sentences(envoy: EnvoyServer) -> None:
     cases = [
         ("GET", "/v2/nothing", None, 404, "no such endpoint: /v2/nothing"),
