@@ -33,7 +33,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # Mutation testing (cosmic-ray, in place) of the modules that carry guarantees, each against
-# the tests mapped to it in tests/mutation.py: minutes to an hour a module, so not in CI.
+# the tests mapped to it in tests/mutation.py: minutes to most of an hour a module, not in CI.
 # MODULE=server/security.py for one (several: space-separated); MUTANTS_ARGS="--limit 5" and
 # the like (tests/mutation.py --help). Prints a score table, writes build/mutants/report.json.
 mutants: $(STAMP)
