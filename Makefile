@@ -8,7 +8,7 @@ DATA ?= data
 export MODULESERVE_DB ?= sqlite:///$(CURDIR)/$(DATA)/registry.db
 export MODULESERVE_STORE ?= $(CURDIR)/$(DATA)/store
 
-.PHONY: venv serve demo test lint typecheck format proto check-proto clean
+.PHONY: venv serve demo test lint typecheck format proto check-proto clean mutants
 
 venv: $(STAMP)
 
@@ -31,6 +31,13 @@ serve: demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Mutation testing (cosmic-ray, in place) of the modules that carry guarantees, each against
+# the tests mapped to it in tests/mutation.py: minutes to most of an hour a module, not in CI.
+# MODULE=server/security.py for one (several: space-separated); MUTANTS_ARGS="--limit 5" and
+# the like (tests/mutation.py --help). Prints a score table, writes build/mutants/report.json.
+mutants: $(STAMP)
+	$(BIN)/python tests/mutation.py $(MODULE) $(MUTANTS_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
